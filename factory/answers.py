@@ -1,0 +1,91 @@
+"""Reading a trace: the `<think>` block, the answer part, and the final answer in it.
+
+Pure string functions shared by rollout (which records reasoning / answer_text) and grade
+(which extracts the final answer). Extraction order: the last `\\boxed{...}` of the answer
+part, then an `<answer>` tag or an "answer is" / "Final answer:" line, then the recipe's
+own regex patterns (first group), each tried on the answer part before the whole text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+@dataclass(frozen=True)
+class Split:
+    reasoning: str | None  # inside the think block; None when no block was opened
+    answer_text: str | None  # after </think>; None when the block never closed
+    think_closed: bool
+
+
+def split_think(text: str) -> Split:
+    """Split a completion into its reasoning and answer parts.
+
+    A completion may lack the opening tag when the chat template prefilled it (R1-distill
+    templates end the prompt with "<think>\\n"); rollout restores it before calling this.
+    A completion with no think block at all is all answer (reasoning None).
+    """
+    open_at = text.find(THINK_OPEN)
+    close_at = text.find(THINK_CLOSE, open_at + 1 if open_at >= 0 else 0)
+    if open_at < 0 and close_at < 0:
+        return Split(None, text, False)
+    if close_at < 0:
+        return Split(text[open_at + len(THINK_OPEN):].strip(), None, False)
+    start = open_at + len(THINK_OPEN) if 0 <= open_at < close_at else 0
+    return Split(text[start:close_at].strip(), text[close_at + len(THINK_CLOSE):].strip(), True)
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced; None if none closes."""
+    best = None
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            best = text[m.end(): i - 1]
+    return best.strip() if best is not None else None
+
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
+_ANSWER_LINE = re.compile(
+    r"(?:final answer|the answer is|answer)\s*(?:is)?\s*[:：]?\s*(.+?)\s*(?:$|\n)", re.I
+)
+
+
+def extract_answer(text: str, patterns: list[str] = ()) -> tuple[str | None, str]:
+    """The final answer of a completion and where it came from.
+
+    Returns:
+        (answer or None, source) with source one of boxed | answer_tag | answer_line |
+        pattern | none.
+    """
+    part = split_think(text).answer_text
+    scopes = [part] if part is not None else [text]
+    for scope in scopes:
+        boxed = last_boxed(scope)
+        if boxed:
+            return boxed, "boxed"
+        tag = _ANSWER_TAG.findall(scope)
+        if tag and tag[-1].strip():
+            inner = tag[-1].strip()
+            return last_boxed(inner) or inner, "answer_tag"
+        lines = _ANSWER_LINE.findall(scope)
+        if lines:
+            return lines[-1].strip().rstrip("."), "answer_line"
+    for pat in patterns:
+        found = re.findall(pat, text)
+        if found:
+            last = found[-1]
+            return (last[0] if isinstance(last, tuple) else last).strip(), "pattern"
+    return None, "none"
+
+
+def format_ok(text: str) -> bool:
+    """R1 format: a closed think block with reasoning, then a non-empty answer part."""
+    s = split_think(text)
+    return bool(s.think_closed and s.reasoning and s.answer_text)

@@ -1,0 +1,157 @@
+"""Stage `curate`: difficulty labels, filters, curriculum shards and DPO pairs.
+
+In:  graded traces (every trace of every problem).
+Out: curriculum rows (schema.CURRICULUM) in easy -> hard order, DPO pairs (schema.PAIRS),
+     per-problem difficulty (pass rate over its K traces), and rejected rows.
+
+Every trace ends in exactly one place: a curriculum row, or the rejected table with why
+(its problem outside the keep band, a wrong verdict, truncated, bad format, or not selected
+among the problem's correct traces). Pairs are a second view over the same traces: a
+correct trace that passed the quality filters against an incorrect one of the same problem.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pyarrow as pa
+
+from factory import schema
+
+
+@dataclass
+class CurateConfig:
+    min_pass_rate: float = 0.0
+    """Problems below this pass rate are dropped (e.g. 0.125 drops those no trace solves)."""
+    max_pass_rate: float = 1.0
+    """Problems above this pass rate are dropped (e.g. 0.875 drops those every trace solves)."""
+    difficulty_buckets: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    """Edges on difficulty (1 - pass rate); bucket i holds edges[i-1] <= d < edges[i]."""
+    drop_truncated: bool = True
+    """Drop correct traces that hit max_tokens (their reasoning was cut off)."""
+    require_format: bool = True
+    """Drop correct traces without a closed <think> block followed by an answer."""
+    max_traces_per_problem: int = 4
+    """M: correct traces kept per problem for SFT."""
+    selection: str = "shortest"
+    """Which correct traces to keep: shortest | random | prm (highest prm_column)."""
+    prm_column: str = "prm_mean"
+    """Score column used by selection=prm (written by the score stage)."""
+    rows_per_shard: int = 5000
+    """Curriculum rows per Parquet shard."""
+    pairs_per_problem: int = 2
+    """Maximum DPO pairs per problem."""
+    pairing: str = "random"
+    """random: shuffled correct x incorrect; length_matched: each chosen with the rejected trace
+    closest in length (keeps DPO from learning length alone)."""
+    rejected_verdicts: list[str] = field(default_factory=lambda: ["wrong"])
+    """Verdicts whose traces may be the rejected side of a pair."""
+    seed: int = 0
+    """Seed of random selection and pairing."""
+
+
+def bucket_of(difficulty: float, edges: list[float]) -> int:
+    return bisect.bisect_right(edges, difficulty)
+
+
+def _check(cfg: CurateConfig, columns: list[str]) -> None:
+    if cfg.selection not in ("shortest", "random", "prm"):
+        raise ValueError(f"curate.selection={cfg.selection!r}; use shortest, random or prm")
+    if cfg.selection == "prm" and cfg.prm_column not in columns:
+        raise ValueError(f"curate.selection=prm needs column {cfg.prm_column!r}; add a score stage first")
+    if cfg.pairing not in ("random", "length_matched"):
+        raise ValueError(f"curate.pairing={cfg.pairing!r}; use random or length_matched")
+
+
+def _pairs(good: list[dict], bad: list[dict], cfg: CurateConfig, rng: random.Random) -> list[tuple[dict, dict]]:
+    if not good or not bad:
+        return []
+    if cfg.pairing == "length_matched":
+        out, free = [], list(bad)
+        for g in sorted(good, key=lambda t: t["num_tokens"]):
+            if not free or len(out) >= cfg.pairs_per_problem:
+                break
+            b = min(free, key=lambda t: (abs(t["num_tokens"] - g["num_tokens"]), t["trace_id"]))
+            free.remove(b)
+            out.append((g, b))
+        return out
+    good, bad = rng.sample(good, len(good)), rng.sample(bad, len(bad))
+    n = min(cfg.pairs_per_problem, len(good) * len(bad))
+    # walk the grid diagonally so each trace is reused as little as possible
+    return [(good[i % len(good)], bad[(i + i // len(good)) % len(bad)]) for i in range(n)]
+
+
+def curate_table(graded: pa.Table, cfg: CurateConfig, prompt_fn: Callable[[str], list[dict]]):
+    """Label difficulty, filter, select and pair.
+
+    Args:
+        graded: every graded trace.
+        prompt_fn: question -> prompt messages (the rollout's, so SFT sees what the teacher saw).
+    Returns:
+        (curriculum, pairs, difficulty, rejected) tables; curriculum sorted easy -> hard.
+    """
+    _check(cfg, graded.column_names)
+    by_problem: dict[str, list[dict]] = defaultdict(list)
+    for t in graded.to_pylist():
+        by_problem[t["problem_id"]].append(t)
+    keep, pairs, problems, rejected = [], [], [], []
+
+    def drop(t: dict, reason: str, detail: str) -> None:
+        rejected.append(schema.rejected_row("curate", reason, t, detail, t["problem_id"], t["trace_id"]))
+
+    for pid in sorted(by_problem):
+        traces = sorted(by_problem[pid], key=lambda t: t["sample_index"])
+        n_correct = sum(t["verdict"] == "correct" for t in traces)
+        pass_rate = n_correct / len(traces)
+        difficulty = 1.0 - pass_rate
+        stats = {"num_traces": len(traces), "num_correct": n_correct, "pass_rate": pass_rate,
+                 "difficulty": difficulty, "difficulty_bucket": bucket_of(difficulty, cfg.difficulty_buckets)}
+        in_band = cfg.min_pass_rate <= pass_rate <= cfg.max_pass_rate
+        problems.append({"problem_id": pid, "source": traces[0]["source"], "split": traces[0]["split"],
+                         "in_band": in_band, **stats})
+        if not in_band:
+            reason = "pass_rate_below_band" if pass_rate < cfg.min_pass_rate else "pass_rate_above_band"
+            for t in traces:
+                drop(t, reason, f"pass rate {pass_rate:.3f} outside [{cfg.min_pass_rate}, {cfg.max_pass_rate}]")
+            continue
+        good = []
+        for t in traces:
+            if t["verdict"] != "correct":
+                drop(t, f"verdict_{t['verdict']}", t["grade_detail"] or "")
+            elif cfg.drop_truncated and t["truncated"]:
+                drop(t, "truncated", f"hit max_tokens after {t['num_tokens']} tokens")
+            elif cfg.require_format and not t["format_ok"]:
+                drop(t, "bad_format", "no closed <think> block followed by an answer")
+            else:
+                good.append(t)
+        rng = random.Random(f"{cfg.seed}:{pid}")
+        if cfg.selection == "shortest":
+            ranked = sorted(good, key=lambda t: (t["num_tokens"], t["sample_index"]))
+        elif cfg.selection == "random":
+            ranked = rng.sample(good, len(good))
+        else:
+            ranked = sorted(good, key=lambda t: (-(t[cfg.prm_column] or 0.0), t["sample_index"]))
+        for t in ranked[cfg.max_traces_per_problem:]:
+            drop(t, "not_selected", f"beyond the {cfg.max_traces_per_problem} kept by selection={cfg.selection}")
+        prompt = prompt_fn(traces[0]["question"])
+        for t in ranked[: cfg.max_traces_per_problem]:
+            keep.append({**t, **stats, "prompt": prompt,
+                         "completion": [{"role": "assistant", "content": t["text"]}]})
+        bad = [t for t in traces if t["verdict"] in cfg.rejected_verdicts]
+        for g, b in _pairs(good, bad, cfg, rng):
+            pairs.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": g["text"]}],
+                          "rejected": [{"role": "assistant", "content": b["text"]}], "problem_id": pid,
+                          "chosen_trace_id": g["trace_id"], "rejected_trace_id": b["trace_id"],
+                          "rejected_verdict": b["verdict"], "source": g["source"], **stats})
+    keep.sort(key=lambda r: (r["difficulty"], r["problem_id"], r["num_tokens"], r["trace_id"]))
+    pairs.sort(key=lambda r: (r["difficulty"], r["problem_id"]))
+    extra = [f for f in graded.schema if f.name.startswith("prm_")]  # score-stage columns travel on
+    curriculum = schema.table(keep, pa.schema(list(schema.CURRICULUM) + extra))
+    difficulty_schema = pa.schema([("problem_id", pa.string()), ("source", pa.string()), ("split", pa.string()),
+                                   ("in_band", pa.bool_())] + [pa.field(n, t) for n, t in schema.DIFFICULTY_COLUMNS])
+    return (curriculum, schema.table(pairs, schema.PAIRS), schema.table(problems, difficulty_schema),
+            schema.table(rejected, schema.REJECTED))

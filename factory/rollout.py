@@ -1,0 +1,126 @@
+"""Stage `rollout`: K reasoning traces per problem from the teacher.
+
+In:  problems.   Out: traces (schema.TRACES), one row per sample; problems whose prompt
+does not fit the engine's context are rejected (prompt_too_long) instead of failing a batch.
+
+All K samples of a problem are one request (`Sampling(n=K)`) so its prompt is prefilled
+once. Each request's seed derives from (rollout.seed, problem_id): a problem gets the same
+traces whichever shard it lands in and however often the run is resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from factory import answers, schema
+from factory.engine import Engine, Sampling
+
+R1_ZERO_TEMPLATE = (
+    "A conversation between User and Assistant. The User asks a question, and the Assistant "
+    "solves it. The Assistant first thinks about the reasoning process in the mind and then "
+    "provides the User with the answer. The reasoning process and answer are enclosed within "
+    "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning "
+    "process here </think> <answer> answer here </answer>. User: {question} Assistant:"
+)
+
+
+@dataclass
+class RolloutConfig:
+    num_traces: int = 8
+    """K: traces per problem; the pass rate over them is the problem's difficulty."""
+    temperature: float = 0.6
+    """Sampling temperature (0.6 with top_p 0.95 is DeepSeek-R1's recommendation)."""
+    top_p: float = 0.95
+    """Nucleus sampling mass."""
+    max_tokens: int = 4096
+    """Completion budget per trace; traces that hit it are marked truncated."""
+    seed: int = 0
+    """Base seed; each request's seed is derived from it and the problem id."""
+    prompt_format: str = "chat"
+    """chat: the model's chat template; r1_zero: DeepSeek-R1-Zero's plain-text template."""
+    system_prompt: str | None = None
+    """Optional system message (chat format only)."""
+    question_template: str = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+    """How the question is put to the teacher; {question} is replaced, {{ }} are literal braces."""
+    chat_template: str | None = None
+    """Override of the tokenizer's chat template: a Jinja string or a path to a .jinja file."""
+    stop: list[str] | None = None
+    """Extra stop strings."""
+
+
+def request_seed(base: int, problem_id: str) -> int:
+    return int(hashlib.sha256(f"{base}:{problem_id}".encode()).hexdigest()[:8], 16)
+
+
+def trace_id(problem_id: str, sample_index: int, sampling_key: str) -> str:
+    return hashlib.sha256(f"{problem_id}:{sample_index}:{sampling_key}".encode()).hexdigest()[:16]
+
+
+def prompt_messages(question: str, cfg: RolloutConfig) -> list[dict]:
+    """The conversation that curriculum and DPO rows use as their `prompt`."""
+    msgs = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    return msgs + [{"role": "user", "content": cfg.question_template.format(question=question)}]
+
+
+def render_prompt(question: str, cfg: RolloutConfig, engine: Engine) -> str:
+    if cfg.prompt_format == "r1_zero":
+        return R1_ZERO_TEMPLATE.format(question=question)
+    if cfg.prompt_format != "chat":
+        raise ValueError(f"rollout.prompt_format={cfg.prompt_format!r}; use chat or r1_zero")
+    template = cfg.chat_template
+    if template and Path(template).is_file():
+        template = Path(template).read_text()
+    return engine.apply_chat_template(prompt_messages(question, cfg), template)
+
+
+def rollout_table(problems: pa.Table, cfg: RolloutConfig, engine: Engine, progress: bool = False) -> tuple[pa.Table, pa.Table, dict]:
+    """Generate K traces for each problem of `problems`.
+
+    Returns:
+        (traces, rejected, stats) with stats holding tokens and seconds for tokens/s.
+    """
+    rows = problems.to_pylist()
+    prompts = [render_prompt(r["question"], cfg, engine) for r in rows]
+    lengths = engine.count_tokens(prompts)
+    fits, rejected = [], []
+    for row, prompt, n in zip(rows, prompts, lengths):
+        if n >= engine.max_model_len:
+            rejected.append(schema.rejected_row(
+                "rollout", "prompt_too_long", row, problem_id=row["problem_id"],
+                detail=f"prompt has {n} tokens; engine.max_model_len is {engine.max_model_len}"))
+        else:
+            fits.append((row, prompt))
+    sampling = [
+        Sampling(n=cfg.num_traces, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                 seed=request_seed(cfg.seed, row["problem_id"]), stop=tuple(cfg.stop or ()))
+        for row, _ in fits
+    ]
+    t0 = time.perf_counter()
+    outputs = engine.generate([p for _, p in fits], sampling, progress=progress) if fits else []
+    seconds = time.perf_counter() - t0
+    sampling_key = json.dumps({"model": engine.model_name, **{k: v for k, v in sampling[0].to_dict().items() if k != "seed"},
+                               "seed": cfg.seed, "format": cfg.prompt_format}, sort_keys=True) if fits else ""
+    traces, tokens = [], 0
+    for (row, prompt), s, completions in zip(fits, sampling, outputs):
+        # an R1-distill template prefills "<think>\n": put it back so the trace reads whole
+        prefix = answers.THINK_OPEN + "\n" if prompt.rstrip().endswith(answers.THINK_OPEN) else ""
+        for k, c in enumerate(completions):
+            text = prefix + c.text
+            split = answers.split_think(text)
+            tokens += c.num_tokens
+            traces.append({
+                **row, "trace_id": trace_id(row["problem_id"], k, sampling_key), "sample_index": k,
+                "text": text, "reasoning": split.reasoning, "answer_text": split.answer_text,
+                "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
+                "truncated": c.finish_reason == "length", "teacher_model": engine.model_name,
+                "sampling": json.dumps(s.to_dict()),
+            })
+    out_schema = schema.extend(problems.schema, schema.ROLLOUT_COLUMNS)
+    stats = {"generated_tokens": tokens, "generate_seconds": seconds}
+    return schema.table(traces, out_schema), schema.table(rejected, schema.REJECTED), stats

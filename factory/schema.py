@@ -1,0 +1,136 @@
+"""The data contract: every column of every table the factory writes, in one place.
+
+Tables grow stage by stage; a stage adds columns and never rewrites or drops upstream ones:
+
+    problems   (ingest)   problem_id, question, answer, domain, choices, source, split
+    traces     (rollout)  problems + trace_id, sample_index, text, reasoning, answer_text, ...
+    graded     (grade)    traces + extracted_answer, verdict, format_ok, grade_detail
+    curriculum (curate)   SFT rows: prompt/completion messages + ids + difficulty
+    pairs      (curate)   DPO rows: prompt/chosen/rejected messages + ids
+    rejected   (any)      what a stage dropped, why, and the whole dropped record
+
+Every row carries `problem_id` from ingest to shard, and `trace_id` from rollout on.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+DOMAINS = ("math", "numeric", "choice", "exact")
+VERDICTS = ("correct", "wrong", "no_answer", "unverifiable", "timeout")
+ORIGINS = ("original", "paraphrase", "variant")
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+MESSAGES = pa.list_(MESSAGE)
+
+PROBLEMS = pa.schema(
+    [
+        ("problem_id", pa.string()),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("domain", pa.string()),
+        ("choices", pa.list_(pa.string())),
+        ("source", pa.string()),
+        ("split", pa.string()),
+    ]
+)
+
+ROLLOUT_COLUMNS = [
+    ("trace_id", pa.string()),
+    ("sample_index", pa.int32()),
+    ("text", pa.string()),  # the raw completion, prefilled "<think>" restored
+    ("reasoning", pa.string()),  # inside <think>…</think>; null when the block never opened
+    ("answer_text", pa.string()),  # after </think>; null when the block never closed
+    ("finish_reason", pa.string()),
+    ("num_tokens", pa.int32()),
+    ("truncated", pa.bool_()),
+    ("teacher_model", pa.string()),
+    ("sampling", pa.string()),  # JSON of the sampling parameters, request seed included
+]
+TRACES = pa.schema(list(PROBLEMS) + [pa.field(n, t) for n, t in ROLLOUT_COLUMNS])
+
+GRADE_COLUMNS = [
+    ("extracted_answer", pa.string()),
+    ("verdict", pa.string()),
+    ("format_ok", pa.bool_()),
+    ("grade_detail", pa.string()),
+]
+GRADED = pa.schema(list(TRACES) + [pa.field(n, t) for n, t in GRADE_COLUMNS])
+
+# Per-problem statistics computed by curate and carried on its output rows.
+DIFFICULTY_COLUMNS = [
+    ("num_traces", pa.int32()),
+    ("num_correct", pa.int32()),
+    ("pass_rate", pa.float64()),
+    ("difficulty", pa.float64()),
+    ("difficulty_bucket", pa.int32()),
+]
+
+CURRICULUM = pa.schema(
+    [
+        ("prompt", MESSAGES),
+        ("completion", MESSAGES),
+        ("problem_id", pa.string()),
+        ("trace_id", pa.string()),
+        ("source", pa.string()),
+        ("domain", pa.string()),
+        ("answer", pa.string()),
+        ("num_tokens", pa.int32()),
+    ]
+    + [pa.field(n, t) for n, t in DIFFICULTY_COLUMNS]
+)
+
+PAIRS = pa.schema(
+    [
+        ("prompt", MESSAGES),
+        ("chosen", MESSAGES),
+        ("rejected", MESSAGES),
+        ("problem_id", pa.string()),
+        ("chosen_trace_id", pa.string()),
+        ("rejected_trace_id", pa.string()),
+        ("rejected_verdict", pa.string()),
+        ("source", pa.string()),
+        ("pass_rate", pa.float64()),
+        ("difficulty", pa.float64()),
+    ]
+)
+
+REJECTED = pa.schema(
+    [
+        ("stage", pa.string()),
+        ("drop_reason", pa.string()),
+        ("problem_id", pa.string()),
+        ("trace_id", pa.string()),
+        ("detail", pa.string()),  # human-readable: file, row, field, what to do
+        ("record", pa.string()),  # the dropped row as JSON, so nothing is lost
+    ]
+)
+
+
+def rejected_row(
+    stage: str, reason: str, record: Any, detail: str = "", problem_id: str | None = None,
+    trace_id: str | None = None,
+) -> dict:
+    """One row of the rejected table; `record` is kept whole as JSON."""
+    return {
+        "stage": stage,
+        "drop_reason": reason,
+        "problem_id": problem_id,
+        "trace_id": trace_id,
+        "detail": detail,
+        "record": json.dumps(record, ensure_ascii=False, default=str),
+    }
+
+
+def table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Rows to a table with exactly `schema`'s columns (missing keys become null)."""
+    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+
+
+def extend(schema: pa.Schema, columns: list[tuple[str, pa.DataType]]) -> pa.Schema:
+    """`schema` plus columns a later stage adds (skipping any it already has)."""
+    have = set(schema.names)
+    return pa.schema(list(schema) + [pa.field(n, t) for n, t in columns if n not in have])

@@ -1,0 +1,1 @@
+"""Process reward models (scoring and training); see issue 4."""
