@@ -86,6 +86,6 @@ def extract_answer(text: str, patterns: list[str] = ()) -> tuple[str | None, str
 
 
 def format_ok(text: str) -> bool:
-    """R1 format: a closed think block with reasoning, then a non-empty answer part."""
+    """R1 format: the text opens with <think>, closes it after some reasoning, then answers."""
     s = split_think(text)
-    return bool(s.think_closed and s.reasoning and s.answer_text)
+    return bool(text.lstrip().startswith(THINK_OPEN) and s.think_closed and s.reasoning and s.answer_text)
