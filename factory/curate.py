@@ -81,8 +81,8 @@ def _pairs(good: list[dict], bad: list[dict], cfg: CurateConfig, rng: random.Ran
         return out
     good, bad = rng.sample(good, len(good)), rng.sample(bad, len(bad))
     n = min(cfg.pairs_per_problem, len(good) * len(bad))
-    # walk the grid diagonally so each trace is reused as little as possible
-    return [(good[i % len(good)], bad[(i + i // len(good)) % len(bad)]) for i in range(n)]
+    # walk the grid diagonally: distinct pairs, each trace reused as little as possible
+    return [(good[i % len(good)], bad[(i % len(good) + i // len(good)) % len(bad)]) for i in range(n)]
 
 
 def curate_table(graded: pa.Table, cfg: CurateConfig, prompt_fn: Callable[[str], list[dict]]):
