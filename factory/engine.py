@@ -1,7 +1,7 @@
 """The inference engine a stage is handed: a small interface, and vLLM behind it.
 
-This is the only module that imports vllm. Stages see `Engine`: render a chat, count
-tokens, generate n samples per prompt. Other backends (an OpenAI-compatible server, a
+This is the only module that imports vllm. Stages see `Engine`: render a chat, tokenize,
+generate n samples per prompt. Other backends (an OpenAI-compatible server, a
 pool of Ray replicas) implement the same three methods.
 
     engine = VLLMEngine(EngineConfig(model="path/to/model"))
@@ -41,9 +41,9 @@ class Engine(Protocol):
 
     def apply_chat_template(self, messages: list[dict], chat_template: str | None = None) -> str: ...
 
-    def count_tokens(self, prompts: list[str]) -> list[int]: ...
+    def tokenize(self, prompts: list[str]) -> list[list[int]]: ...
 
-    def generate(self, prompts: list[str], sampling: list[Sampling], progress: bool = False) -> list[list[Completion]]: ...
+    def generate(self, prompts: list[str] | list[list[int]], sampling: list[Sampling], progress: bool = False) -> list[list[Completion]]: ...
 
 
 @dataclass
@@ -94,8 +94,9 @@ class VLLMEngine:
             messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True
         )
 
-    def count_tokens(self, prompts: list[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    def tokenize(self, prompts: list[str]) -> list[list[int]]:
+        # rendered chat prompts already hold their special tokens
+        return self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
 
     def sampling_params(self, s: Sampling):
         from vllm import SamplingParams
@@ -103,10 +104,14 @@ class VLLMEngine:
         return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
                               seed=s.seed, stop=list(s.stop) or None)
 
-    def generate(self, prompts: list[str], sampling: list[Sampling], progress: bool = False) -> list[list[Completion]]:
-        """One call for all prompts, n samples each as one request (the prompt is prefilled once)."""
+    def generate(self, prompts: list[str] | list[list[int]], sampling: list[Sampling], progress: bool = False) -> list[list[Completion]]:
+        """One call for all prompts, n samples each as one request (the prompt is prefilled once).
+
+        Prompts may be token ids (as rollout passes them, having tokenized once to check lengths).
+        """
         params = [self.sampling_params(s) for s in sampling]
-        outs = self.llm.generate(prompts, params, use_tqdm=progress)
+        inputs = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
+        outs = self.llm.generate(inputs, params, use_tqdm=progress)
         return [
             [Completion(c.text, len(c.token_ids), c.finish_reason or "stop") for c in o.outputs]
             for o in outs

@@ -87,27 +87,29 @@ def rollout_table(problems: pa.Table, cfg: RolloutConfig, engine: Engine, progre
     """
     rows = problems.to_pylist()
     prompts = [render_prompt(r["question"], cfg, engine) for r in rows]
-    lengths = engine.count_tokens(prompts)
+    # tokenized once: to reject prompts that can't fit (vLLM would fail the whole batch),
+    # and handed to the engine as ids so it does not tokenize them again
+    token_ids = engine.tokenize(prompts)
     fits, rejected = [], []
-    for row, prompt, n in zip(rows, prompts, lengths):
-        if n >= engine.max_model_len:
+    for row, prompt, ids in zip(rows, prompts, token_ids):
+        if len(ids) >= engine.max_model_len:
             rejected.append(schema.rejected_row(
                 "rollout", "prompt_too_long", row, problem_id=row["problem_id"],
-                detail=f"prompt has {n} tokens; engine.max_model_len is {engine.max_model_len}"))
+                detail=f"prompt has {len(ids)} tokens; engine.max_model_len is {engine.max_model_len}"))
         else:
-            fits.append((row, prompt))
+            fits.append((row, prompt, ids))
     sampling = [
         Sampling(n=cfg.num_traces, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                  seed=request_seed(cfg.seed, row["problem_id"]), stop=tuple(cfg.stop or ()))
-        for row, _ in fits
+        for row, _, _ in fits
     ]
     t0 = time.perf_counter()
-    outputs = engine.generate([p for _, p in fits], sampling, progress=progress) if fits else []
+    outputs = engine.generate([ids for _, _, ids in fits], sampling, progress=progress) if fits else []
     seconds = time.perf_counter() - t0
     sampling_key = json.dumps({"model": engine.model_name, **{k: v for k, v in sampling[0].to_dict().items() if k != "seed"},
                                "seed": cfg.seed, "format": cfg.prompt_format}, sort_keys=True) if fits else ""
     traces, tokens = [], 0
-    for (row, prompt), s, completions in zip(fits, sampling, outputs):
+    for (row, prompt, _), s, completions in zip(fits, sampling, outputs):
         # an R1-distill template prefills "<think>\n": put it back so the trace reads whole
         prefix = answers.THINK_OPEN + "\n" if prompt.rstrip().endswith(answers.THINK_OPEN) else ""
         for k, c in enumerate(completions):

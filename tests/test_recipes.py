@@ -15,7 +15,7 @@ def test_recipe_loads(path):
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe)
     first = path.read_text().splitlines()[0]
-    assert first.startswith("#") and "factory" in first or "make" in first, "recipes start with their command"
+    assert first.startswith("#") and ("factory run" in first or "make " in first), "recipes start with their command"
 
 
 def test_overrides_and_types(tmp_path):
