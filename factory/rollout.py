@@ -112,6 +112,7 @@ def rollout_table(problems: pa.Table, cfg: RolloutConfig, engine: Engine, progre
     for (row, prompt, _), s, completions in zip(fits, sampling, outputs):
         # an R1-distill template prefills "<think>\n": put it back so the trace reads whole
         prefix = answers.THINK_OPEN + "\n" if prompt.rstrip().endswith(answers.THINK_OPEN) else ""
+        request = json.dumps(s.to_dict())
         for k, c in enumerate(completions):
             text = prefix + c.text
             split = answers.split_think(text)
@@ -121,7 +122,7 @@ def rollout_table(problems: pa.Table, cfg: RolloutConfig, engine: Engine, progre
                 "text": text, "reasoning": split.reasoning, "answer_text": split.answer_text,
                 "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
                 "truncated": c.finish_reason == "length", "teacher_model": engine.model_name,
-                "sampling": json.dumps(s.to_dict()),
+                "sampling": request,
             })
     out_schema = schema.extend(problems.schema, schema.ROLLOUT_COLUMNS)
     stats = {"generated_tokens": tokens, "generate_seconds": seconds}

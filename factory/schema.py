@@ -126,8 +126,8 @@ def rejected_row(
 
 
 def table(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    """Rows to a table with exactly `schema`'s columns (missing keys become null)."""
-    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+    """Rows to a table with exactly `schema`'s columns (missing keys become null, extra keys are ignored)."""
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def extend(schema: pa.Schema, columns: list[tuple[str, pa.DataType]]) -> pa.Schema:

@@ -1,0 +1,51 @@
+"""Rollout on the shared tiny engine: K traces per problem, seeded, over-long prompts rejected."""
+
+from __future__ import annotations
+
+import json
+
+from factory import schema
+from factory.rollout import R1_ZERO_TEMPLATE, RolloutConfig, render_prompt, rollout_table
+
+CFG = RolloutConfig(num_traces=8, temperature=1.0, top_p=1.0, max_tokens=32, question_template="{question}")
+
+
+def problems(questions):
+    rows = [{"problem_id": f"p{i}", "question": q, "answer": "1", "domain": "numeric", "choices": None,
+             "source": "t", "split": "train"} for i, q in enumerate(questions)]
+    return schema.table(rows, schema.PROBLEMS)
+
+
+def test_k_traces_seeded_and_too_long_rejected(engine):
+    table = problems(["What is 1 + 2?", "What is 4 + 4?", "What is " + "9 + " * 200 + "1?"])
+    traces, rejected, stats = rollout_table(table, CFG, engine)
+    assert rejected.column("drop_reason").to_pylist() == ["prompt_too_long"]
+    assert "max_model_len is 256" in rejected.column("detail")[0].as_py()
+    assert traces.num_rows == 16
+    assert traces.column("sample_index").to_pylist() == list(range(8)) * 2
+    assert len(set(traces.column("trace_id").to_pylist())) == 16
+    assert stats["generated_tokens"] == sum(traces.column("num_tokens").to_pylist()) > 0
+    sampling = json.loads(traces.column("sampling")[0].as_py())
+    assert sampling["n"] == 8 and sampling["seed"] is not None
+    assert all(t == "length" for t, tr in zip(traces.column("finish_reason").to_pylist(),
+                                              traces.column("truncated").to_pylist()) if tr)
+    # per-problem seeds: the same problem alone gives the same texts as in a batch
+    alone, _, _ = rollout_table(table.slice(1, 1), CFG, engine)
+    assert alone.column("text").to_pylist() == traces.column("text").to_pylist()[8:]
+    assert alone.column("trace_id").to_pylist() == traces.column("trace_id").to_pylist()[8:]
+    # upstream columns ride along unchanged
+    assert traces.column_names[: len(schema.PROBLEMS)] == schema.PROBLEMS.names
+
+
+def test_prompt_formats_and_prefilled_think(engine, tmp_path):
+    r1 = RolloutConfig(prompt_format="r1_zero")
+    assert render_prompt("What is 2 + 2?", r1, engine) == R1_ZERO_TEMPLATE.format(question="What is 2 + 2?")
+    # an R1-distill style template that prefills "<think>\n": the trace gets the tag back
+    template = tmp_path / "t.jinja"
+    template.write_text(engine.tokenizer.chat_template + "{% if add_generation_prompt %}<think>\n{% endif %}")
+    cfg = RolloutConfig(num_traces=2, temperature=1.0, max_tokens=32, question_template="{question}",
+                        chat_template=str(template), system_prompt="Be brief.")
+    prompt = render_prompt("What is 1 + 1?", cfg, engine)
+    assert prompt.startswith("<|im_start|>system\nBe brief.") and prompt.endswith("<think>\n")
+    traces, _, _ = rollout_table(problems(["What is 1 + 1?"]), cfg, engine)
+    assert all(t.startswith("<think>\n") for t in traces.column("text").to_pylist())
