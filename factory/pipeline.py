@@ -170,13 +170,14 @@ class Runner:
         if sd.open(fp, config_mod.to_dict(cfg)) and sd.complete:
             return
         t0 = time.perf_counter()
+        graded = upstream.read()
         curriculum, pairs, difficulty, rejected = curate_table(
-            upstream.read(), cfg, lambda q: prompt_messages(q, self.recipe.rollout))
+            graded, cfg, lambda q: prompt_messages(q, self.recipe.rollout))
         shards = write_curriculum(self.run_dir / "curriculum", curriculum, cfg.rows_per_shard)
         replace_dir(self.run_dir / "pairs", {"pairs-00000.parquet": pairs})
         store.write_parquet(difficulty, self.run_dir / "difficulty.parquet")
         sd.write_shard(0, curriculum.slice(0, 0), rejected, {
-            "rows_in": upstream.read().num_rows, "rows_out": curriculum.num_rows, "pairs": pairs.num_rows,
+            "rows_in": graded.num_rows, "rows_out": curriculum.num_rows, "pairs": pairs.num_rows,
             "dropped": store.count_reasons(rejected), "seconds": time.perf_counter() - t0, "shards": shards})
         sd.finish(1, {})
 
