@@ -28,6 +28,15 @@ CHAT_TEMPLATE = (
 )
 
 
+def chat_prompt(messages: list[dict]) -> str:
+    """CHAT_TEMPLATE rendered with a generation prompt, as the tokenizer will render it
+    (same Jinja settings as transformers), without needing a tokenizer yet."""
+    import jinja2
+
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=True)
+
+
 def train_tokenizer(corpus: Iterable[str], vocab_size: int = 384) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer with ChatML and think tokens.
 
@@ -151,13 +160,8 @@ def build_addition_teacher(out_dir: str | Path, steps: int = TEACHER_STEPS, seed
     on others, so 8 traces per problem give pass rates across the whole range.
     """
     probs = addition_problems(2000, seed=seed)
-    tok_probe = train_tokenizer(["What is 1 + 2? " + addition_trace(1, 2)] * 4)
-    chats = []
-    for p in probs:
-        prompt = tok_probe.apply_chat_template(
-            [{"role": "user", "content": p["question"]}], tokenize=False, add_generation_prompt=True
-        )
-        chats.append(prompt + addition_trace(p["a"], p["b"]) + IM_END)
+    chats = [chat_prompt([{"role": "user", "content": p["question"]}]) + addition_trace(p["a"], p["b"]) + IM_END
+             for p in probs]
     tokenizer = train_tokenizer(chats)
     model = build_model(tokenizer, seed=seed)
     fit(model, tokenizer, chats, steps=steps, seed=seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from factory import schema
+from factory import schema, tiny
 from factory.rollout import R1_ZERO_TEMPLATE, RolloutConfig, render_prompt, rollout_table
 
 CFG = RolloutConfig(num_traces=8, temperature=1.0, top_p=1.0, max_tokens=32, question_template="{question}")
@@ -49,3 +49,8 @@ def test_prompt_formats_and_prefilled_think(engine, tmp_path):
     assert prompt.startswith("<|im_start|>system\nBe brief.") and prompt.endswith("<think>\n")
     traces, _, _ = rollout_table(problems(["What is 1 + 1?"]), cfg, engine)
     assert all(t.startswith("<think>\n") for t in traces.column("text").to_pylist())
+
+
+def test_tiny_chat_prompt_matches_the_tokenizer_template(engine):
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "What is 3 + 4?"}]
+    assert tiny.chat_prompt(msgs) == engine.apply_chat_template(msgs)
