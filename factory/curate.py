@@ -112,7 +112,7 @@ def curate_table(graded: pa.Table, cfg: CurateConfig, prompt_fn: Callable[[str],
                  "difficulty": difficulty, "difficulty_bucket": bucket_of(difficulty, cfg.difficulty_buckets)}
         in_band = cfg.min_pass_rate <= pass_rate <= cfg.max_pass_rate
         problems.append({"problem_id": pid, "source": traces[0]["source"], "split": traces[0]["split"],
-                         "in_band": in_band, **stats})
+                         "level": traces[0].get("level"), "in_band": in_band, **stats})
         if not in_band:
             reason = "pass_rate_below_band" if pass_rate < cfg.min_pass_rate else "pass_rate_above_band"
             for t in traces:
@@ -152,6 +152,6 @@ def curate_table(graded: pa.Table, cfg: CurateConfig, prompt_fn: Callable[[str],
     extra = [f for f in graded.schema if f.name.startswith("prm_")]  # score-stage columns travel on
     curriculum = schema.table(keep, pa.schema(list(schema.CURRICULUM) + extra))
     difficulty_schema = pa.schema([("problem_id", pa.string()), ("source", pa.string()), ("split", pa.string()),
-                                   ("in_band", pa.bool_())] + [pa.field(n, t) for n, t in schema.DIFFICULTY_COLUMNS])
+                                   ("level", pa.int32()), ("in_band", pa.bool_())] + [pa.field(n, t) for n, t in schema.DIFFICULTY_COLUMNS])
     return (curriculum, schema.table(pairs, schema.PAIRS), schema.table(problems, difficulty_schema),
             schema.table(rejected, schema.REJECTED))

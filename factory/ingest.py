@@ -52,7 +52,7 @@ class IngestConfig:
     """Problems per output shard: the unit of work and of resume for later stages."""
 
 
-FIELDS = ("problem_id", "question", "answer", "domain", "choices", "source", "split")
+FIELDS = ("problem_id", "question", "answer", "domain", "choices", "source", "split", "level")
 
 
 @dataclass
@@ -183,12 +183,19 @@ def validate(raw: Raw, cfg: IngestConfig) -> tuple[dict | None, str, str]:
             return None, "bad_type_choices", f"{where}: field {col['choices']!r} is not a JSON list"
     if choices is not None and (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)):
         return None, "bad_type_choices", f"{where}: field {col['choices']!r} must be a list of strings"
+    level = rec.get(col["level"])
+    if isinstance(level, str) and level.strip().lstrip("-").isdigit():  # CSV cells, "3"
+        level = int(level)
+    if level == "":
+        level = None
+    if level is not None and (isinstance(level, bool) or not isinstance(level, int)):
+        return None, "bad_type_level", f"{where}: field {col['level']!r} must be a whole number, got {level!r}"
     given_id = rec.get(col["problem_id"])
     out.update(
         problem_id=str(given_id) if given_id not in (None, "") else content_id(out["question"], out["answer"]),
         domain=domain, choices=choices or None,
         source=str(rec.get(col["source"]) or cfg.default_source or Path(raw.file).name),
-        split=str(rec.get(col["split"]) or cfg.default_split),
+        split=str(rec.get(col["split"]) or cfg.default_split), level=level,
     )
     return out, "", ""
 

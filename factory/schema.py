@@ -2,7 +2,7 @@
 
 Tables grow stage by stage; a stage adds columns and never rewrites or drops upstream ones:
 
-    problems   (ingest)   problem_id, question, answer, domain, choices, source, split
+    problems   (ingest)   problem_id, question, answer, domain, choices, source, split, level
     traces     (rollout)  problems + trace_id, sample_index, text, reasoning, answer_text, ...
     graded     (grade)    traces + extracted_answer, verdict, format_ok, grade_detail
     curriculum (curate)   SFT rows: prompt/completion messages + ids + difficulty
@@ -35,6 +35,7 @@ PROBLEMS = pa.schema(
         ("choices", pa.list_(pa.string())),
         ("source", pa.string()),
         ("split", pa.string()),
+        ("level", pa.int32()),  # difficulty level given by the source (e.g. MATH's 1-5); null if none
     ]
 )
 
@@ -77,6 +78,7 @@ CURRICULUM = pa.schema(
         ("trace_id", pa.string()),
         ("source", pa.string()),
         ("domain", pa.string()),
+        ("level", pa.int32()),
         ("answer", pa.string()),
         ("num_tokens", pa.int32()),
     ]

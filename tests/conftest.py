@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from factory import tiny
+import yaml
+
+from factory import pipeline, tiny
 from factory.engine import EngineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,3 +46,25 @@ def problems_file(tmp_path_factory) -> Path:
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def toy_recipe(out: Path, model: str, problems: Path, **sections) -> dict:
+    data = yaml.safe_load((ROOT / "recipes" / "toy_addition.yaml").read_text())
+    data["run"] = {"output_dir": str(out), "progress": False}
+    data["engine"]["model"] = model
+    data["ingest"]["paths"] = [str(problems)]
+    data["ingest"]["problems_per_shard"] = 10
+    for section, values in sections.items():
+        data[section].update(values)
+    return data
+
+
+def load(data: dict) -> pipeline.Recipe:
+    return pipeline.config_mod.from_dict(pipeline.Recipe, data)
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory, engine, teacher_dir, problems_file):
+    out = tmp_path_factory.mktemp("run") / "full"
+    manifest = pipeline.run(load(toy_recipe(out, str(teacher_dir), problems_file)), engine=engine)
+    return out, manifest

@@ -18,29 +18,9 @@ import yaml
 
 from factory import pipeline
 
+from conftest import load, toy_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def toy_recipe(out: Path, model: str, problems: Path, **sections) -> dict:
-    data = yaml.safe_load((ROOT / "recipes" / "toy_addition.yaml").read_text())
-    data["run"] = {"output_dir": str(out), "progress": False}
-    data["engine"]["model"] = model
-    data["ingest"]["paths"] = [str(problems)]
-    data["ingest"]["problems_per_shard"] = 10
-    for section, values in sections.items():
-        data[section].update(values)
-    return data
-
-
-def load(data: dict) -> pipeline.Recipe:
-    return pipeline.config_mod.from_dict(pipeline.Recipe, data)
-
-
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory, engine, teacher_dir, problems_file):
-    out = tmp_path_factory.mktemp("run") / "full"
-    manifest = pipeline.run(load(toy_recipe(out, str(teacher_dir), problems_file)), engine=engine)
-    return out, manifest
 
 
 def test_outputs_and_curriculum_order(full_run):

@@ -1,26 +1,42 @@
-"""Every recipe in recipes/ loads onto its dataclasses; overrides and errors behave."""
+"""Every recipe in recipes/ loads onto its dataclasses; overrides and errors behave.
 
+A recipe's first line is the command that runs it, and that command says which dataclass the
+recipe maps onto (`factory run` / `make demo`: the pipeline; `factory train sft|dpo`; `factory eval`).
+"""
+
+import re
 from pathlib import Path
 
 import pytest
 
+from factory import evaluate, train
 from factory.config import ConfigError
 from factory.pipeline import Recipe, load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+PIPELINE = RECIPES[[p.name for p in RECIPES].index("toy_addition.yaml")]
+
+
+def load_any(path: Path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#"), f"{path.name}: recipes start with the command that runs them"
+    if m := re.search(r"factory(?:\.cli)? train (sft|dpo) ", first):
+        return train.load_recipe(m.group(1), path)
+    if "factory eval " in first:
+        return evaluate.load_recipe(path)
+    assert "factory run " in first or "make " in first, f"{path.name}: no factory command on line 1: {first}"
+    return load_recipe(path)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_loads(path):
-    recipe = load_recipe(path)
-    assert isinstance(recipe, Recipe)
-    first = path.read_text().splitlines()[0]
-    assert first.startswith("#") and ("factory run" in first or "make " in first), "recipes start with their command"
+    recipe = load_any(path)
+    assert isinstance(recipe, (Recipe, train.SFTRecipe, train.DPORecipe, evaluate.EvalRecipe))
 
 
 def test_overrides_and_types(tmp_path):
-    recipe = load_recipe(RECIPES[0], ["rollout.temperature=0.3", "curate.difficulty_buckets=[0.5]",
-                                      "engine.model=/x", "run.output_dir=out"])
+    recipe = load_recipe(PIPELINE, ["rollout.temperature=0.3", "curate.difficulty_buckets=[0.5]",
+                                    "engine.model=/x", "run.output_dir=out"])
     assert recipe.rollout.temperature == 0.3 and recipe.curate.difficulty_buckets == [0.5]
     assert recipe.engine.model == "/x" and recipe.run.output_dir == "out"
 
@@ -33,7 +49,7 @@ def test_overrides_and_types(tmp_path):
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
-        load_recipe(RECIPES[0], [override])
+        load_recipe(PIPELINE, [override])
 
 
 def test_bad_yaml_names_the_file(tmp_path):
@@ -41,3 +57,18 @@ def test_bad_yaml_names_the_file(tmp_path):
     p.write_text("rollout: [unclosed")
     with pytest.raises(ConfigError, match="r.yaml"):
         load_recipe(p)
+
+
+def test_nested_stage_lists_are_typed():
+    sft = train.load_recipe("sft", None, ["data.order.strategy=staged",
+                                          "data.order.stages=[{min_difficulty: 0.5, epochs: 2}]"])
+    assert sft.data.order.stages[0].min_difficulty == 0.5 and sft.data.order.stages[0].epochs == 2
+    with pytest.raises(ConfigError, match=r"data\.order\.stages\[0\]\.epochs: expected int"):
+        train.load_recipe("sft", None, ["data.order.stages=[{epochs: two}]"])
+
+
+def test_exponent_floats_without_a_dot():
+    """YAML 1.1 reads 2e-5 as a string; learning rates are written that way."""
+    assert train.load_recipe("sft", None, ["train.learning_rate=2e-5"]).train.learning_rate == 2e-5
+    with pytest.raises(ConfigError, match="train.learning_rate: expected float"):
+        train.load_recipe("sft", None, ["train.learning_rate=fast"])

@@ -1,0 +1,117 @@
+"""The order in which a trainer sees curriculum rows.
+
+In:  difficulties of the curriculum rows, in the shards' order (easy -> hard).
+Out: a list of row indices, one per example the trainer will see, epochs included. The
+     trainer feeds them through a sequential sampler, so this list *is* the training order.
+
+Strategies:
+    sorted    strict easy -> hard, every epoch, no shuffling.
+    shuffled  a fresh random permutation per epoch: the baseline a curriculum must beat.
+    staged    ordered stages, each a difficulty range seen for some epochs (Light-R1: first
+              everything, then the hard subset); within a stage rows stay easy -> hard unless
+              the stage says shuffle.
+    pacing    competence-based (Platanios et al., 2019): at training progress p the batch is
+              drawn from the easiest c(p) share of the rows, where c grows from
+              `initial_competence` to 1 (sqrt: c = sqrt(p(1 - c0^2) + c0^2); linear: c0 + p(1 - c0)).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+STRATEGIES = ("sorted", "shuffled", "staged", "pacing")
+
+
+@dataclass
+class Stage:
+    min_difficulty: float = 0.0
+    """Rows with difficulty >= this are in the stage."""
+    max_difficulty: float = 1.0
+    """... and difficulty <= this."""
+    epochs: int = 1
+    """Passes over the stage's rows."""
+    shuffle: bool = False
+    """Shuffle within the stage (each pass); otherwise easy -> hard."""
+
+
+@dataclass
+class OrderConfig:
+    strategy: str = "sorted"
+    """sorted | shuffled | staged | pacing (see factory.curriculum)."""
+    epochs: int = 1
+    """Passes over the data for sorted, shuffled and pacing (staged sets epochs per stage)."""
+    stages: list[Stage] = field(default_factory=lambda: [Stage(), Stage(min_difficulty=0.5)])
+    """strategy=staged: the stages in order (default: everything, then the harder half)."""
+    pacing: str = "sqrt"
+    """strategy=pacing: competence curve, sqrt | linear."""
+    initial_competence: float = 0.2
+    """strategy=pacing: share of the (easiest) rows available at the first step."""
+    seed: int = 0
+    """Seed of shuffling and of pacing's draws."""
+
+
+def competence(progress: float, c0: float, curve: str) -> float:
+    """Share of the easiest rows available at training progress 0 <= progress <= 1."""
+    progress = min(max(progress, 0.0), 1.0)
+    if curve == "sqrt":
+        return min(1.0, math.sqrt(progress * (1 - c0 * c0) + c0 * c0))
+    if curve == "linear":
+        return min(1.0, c0 + progress * (1 - c0))
+    raise ValueError(f"pacing={curve!r}; use sqrt or linear")
+
+
+def check(cfg: OrderConfig) -> None:
+    if cfg.strategy not in STRATEGIES:
+        raise ValueError(f"strategy={cfg.strategy!r}; use one of {', '.join(STRATEGIES)}")
+    if cfg.epochs < 1:
+        raise ValueError(f"epochs={cfg.epochs}; must be >= 1")
+    if cfg.strategy == "staged" and not cfg.stages:
+        raise ValueError("strategy=staged needs at least one stage")
+    if cfg.strategy == "pacing":
+        competence(0.0, cfg.initial_competence, cfg.pacing)
+        if not 0.0 < cfg.initial_competence <= 1.0:
+            raise ValueError(f"initial_competence={cfg.initial_competence}; must be in (0, 1]")
+
+
+def pacing_limits(n_rows: int, n_steps: int, batch_size: int, cfg: OrderConfig) -> list[int]:
+    """For each step, how many of the easiest rows it may draw from (at least one batch)."""
+    out = []
+    for t in range(n_steps):
+        c = competence(t / max(1, n_steps - 1), cfg.initial_competence, cfg.pacing)
+        out.append(min(n_rows, max(batch_size, math.ceil(c * n_rows))))
+    return out
+
+
+def training_order(difficulty: list[float], cfg: OrderConfig, batch_size: int) -> list[int]:
+    """Row indices in the order the trainer sees them.
+
+    Args:
+        difficulty: per row, in curriculum order (non-decreasing).
+        batch_size: examples per optimizer step (per-device batch x accumulation x devices);
+            pacing draws whole steps at once.
+    """
+    check(cfg)
+    n = len(difficulty)
+    rng = random.Random(cfg.seed)
+    rows = list(range(n))
+    if cfg.strategy == "sorted":
+        return rows * cfg.epochs
+    if cfg.strategy == "shuffled":
+        return [i for _ in range(cfg.epochs) for i in rng.sample(rows, n)]
+    if cfg.strategy == "staged":
+        order = []
+        for s in cfg.stages:
+            members = [i for i in rows if s.min_difficulty <= difficulty[i] <= s.max_difficulty]
+            for _ in range(s.epochs):
+                order += rng.sample(members, len(members)) if s.shuffle else members
+        return order
+    # pacing: as many examples as `epochs` passes, each step drawn from the allowed prefix
+    total = n * cfg.epochs
+    n_steps = max(1, math.ceil(total / batch_size))
+    order = []
+    for t, limit in enumerate(pacing_limits(n, n_steps, batch_size, cfg)):
+        size = min(batch_size, total - len(order))
+        order += sorted(rng.sample(range(limit), min(size, limit)))
+    return order

@@ -1,0 +1,62 @@
+"""Training orders: what each strategy feeds the trainer, on an inline difficulty list."""
+
+import math
+
+import pytest
+
+from factory.curriculum import OrderConfig, Stage, competence, pacing_limits, training_order
+
+# 40 rows in curriculum order: difficulty 0, 0.125, ... non-decreasing
+DIFF = sorted([(i % 9) / 8 for i in range(40)])
+
+
+def test_sorted_is_curriculum_order_every_epoch():
+    assert training_order(DIFF, OrderConfig("sorted", epochs=2), 8) == list(range(40)) * 2
+
+
+def test_shuffled_is_a_permutation_per_epoch_and_seeded():
+    order = training_order(DIFF, OrderConfig("shuffled", epochs=2, seed=1), 8)
+    assert sorted(order[:40]) == list(range(40)) and sorted(order[40:]) == list(range(40))
+    assert order[:40] != list(range(40)) and order[:40] != order[40:]
+    assert order == training_order(DIFF, OrderConfig("shuffled", epochs=2, seed=1), 8)
+    assert order != training_order(DIFF, OrderConfig("shuffled", epochs=2, seed=2), 8)
+
+
+def test_staged_everything_then_the_hard_subset():
+    cfg = OrderConfig("staged", stages=[Stage(0.0, 1.0, 1), Stage(0.5, 1.0, 2)])
+    hard = [i for i, d in enumerate(DIFF) if d >= 0.5]
+    assert training_order(DIFF, cfg, 8) == list(range(40)) + hard + hard
+    shuffled = training_order(DIFF, OrderConfig("staged", stages=[Stage(0.5, 1.0, 1, shuffle=True)]), 8)
+    assert sorted(shuffled) == hard and shuffled != hard
+
+
+@pytest.mark.parametrize("curve", ["sqrt", "linear"])
+def test_pacing_widens_from_the_easy_end(curve):
+    cfg = OrderConfig("pacing", epochs=2, pacing=curve, initial_competence=0.25)
+    order = training_order(DIFF, cfg, 8)
+    assert len(order) == 80
+    steps = [order[i:i + 8] for i in range(0, 80, 8)]
+    limits = pacing_limits(40, len(steps), 8, cfg)
+    assert limits[0] == 10 and limits[-1] == 40 and limits == sorted(limits)
+    for step, limit in zip(steps, limits):
+        assert len(set(step)) == len(step) and max(step) < limit  # only the easiest `limit` rows
+    mean = lambda s: sum(DIFF[i] for i in s) / len(s)
+    assert mean(steps[0]) < mean(steps[-1])
+
+
+def test_competence_curves():
+    assert competence(0, 0.04, "sqrt") == pytest.approx(0.04)
+    assert competence(1, 0.04, "sqrt") == 1.0
+    assert competence(0.5, 0.0, "sqrt") == pytest.approx(math.sqrt(0.5))
+    assert competence(0.5, 0.2, "linear") == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("cfg,message", [
+    (OrderConfig("random"), "strategy='random'"),
+    (OrderConfig("pacing", pacing="cubic"), "pacing='cubic'"),
+    (OrderConfig("staged", stages=[]), "at least one stage"),
+    (OrderConfig("sorted", epochs=0), "epochs=0"),
+])
+def test_bad_orders_are_errors(cfg, message):
+    with pytest.raises(ValueError, match=message):
+        training_order(DIFF, cfg, 8)
