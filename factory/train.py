@@ -423,10 +423,11 @@ def train(kind: str, recipe: SFTRecipe | DPORecipe, dry_run: bool = False, log: 
     if resume:
         log(f"{kind}: resuming from {resume}")
     result = trainer.train(resume_from_checkpoint=resume)
+    if not recipe.model.lora.enabled:
+        trainer.save_model(str(out))  # on every rank: FSDP / ZeRO-3 gather the weights here
     if trainer.is_world_process_zero():
-        lora = recipe.model.lora.enabled
-        model = trainer.model.merge_and_unload() if lora else trainer.model
-        model.save_pretrained(out)
+        if recipe.model.lora.enabled:  # a plain model, so vLLM loads it without peft
+            trainer.model.merge_and_unload().save_pretrained(out)
         p.tokenizer.save_pretrained(out)
         ids = ID_COLUMNS[kind]
         with open(out / "dropped_too_long.jsonl", "w") as f:
