@@ -27,6 +27,8 @@ def summary(manifest: dict) -> str:
             notes = f"{s['generated_tokens']} tokens at {s['tokens_per_s']:.0f} tok/s" + (f"; {notes}" if notes else "")
         if "verdicts" in s:
             notes = ", ".join(f"{k}={v}" for k, v in sorted(s["verdicts"].items()))
+        if "prm_status" in s:
+            notes = "prm_status: " + ", ".join(f"{k}={v}" for k, v in sorted(s["prm_status"].items()))
         if "pairs" in s:
             notes = f"pairs={s['pairs']}; " + notes
         lines.append(f"{name:<10}{s['in']:>9}{s['out']:>9}{s['seconds']:>10.1f}  {notes}")

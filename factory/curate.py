@@ -5,8 +5,9 @@ Out: curriculum rows (schema.CURRICULUM) in easy -> hard order, DPO pairs (schem
      per-problem difficulty (pass rate over its K traces), and rejected rows.
 
 Every trace ends in exactly one place: a curriculum row, or the rejected table with why
-(its problem outside the keep band, a wrong verdict, truncated, bad format, or not selected
-among the problem's correct traces). Pairs are a second view over the same traces: a
+(its problem outside the keep band, a wrong verdict, truncated, bad format, failed by the
+PRM (prm_pass false, set by the score stage), or not selected among the problem's correct
+traces). The pass rate counts every correct trace, whatever the PRM says. Pairs are a second view over the same traces: a
 correct trace that passed the quality filters against an incorrect one of the same problem.
 """
 
@@ -118,7 +119,7 @@ def curate_table(graded: pa.Table, cfg: CurateConfig, prompt_fn: Callable[[str],
             for t in traces:
                 drop(t, reason, f"pass rate {pass_rate:.3f} outside [{cfg.min_pass_rate}, {cfg.max_pass_rate}]")
             continue
-        good = []
+        good = []  # correct traces that pass the quality filters: SFT rows and chosen sides of pairs
         for t in traces:
             if t["verdict"] != "correct":
                 drop(t, f"verdict_{t['verdict']}", t["grade_detail"] or "")
@@ -126,6 +127,11 @@ def curate_table(graded: pa.Table, cfg: CurateConfig, prompt_fn: Callable[[str],
                 drop(t, "truncated", f"hit max_tokens after {t['num_tokens']} tokens")
             elif cfg.require_format and not t["format_ok"]:
                 drop(t, "bad_format", "no closed <think> block followed by an answer")
+            elif t.get("prm_pass") is False:  # marked by the score stage
+                if t["prm_status"] == "ok":
+                    drop(t, "prm_below_threshold", f"prm_mean={t['prm_mean']:.3f}, prm_min={t['prm_min']:.3f}")
+                else:
+                    drop(t, f"prm_{t['prm_status']}", f"not scored ({t['prm_status']}, {t['prm_num_steps']} steps)")
             else:
                 good.append(t)
         rng = random.Random(f"{cfg.seed}:{pid}")

@@ -1,11 +1,12 @@
 """`factory run`: the stages of a recipe, in order, resumable.
 
-    ingest -> rollout -> grade -> curate        (RUN = run.output_dir)
+    ingest -> rollout -> grade [-> score] -> curate        (RUN = run.output_dir)
 
 Intermediate tables live in RUN/stages/<stage>/ as numbered shards (factory.store); the
 products are RUN/curriculum/, RUN/pairs/, RUN/rejected/, RUN/difficulty.parquet and
 RUN/manifest.json. A stage is either global (one unit: ingest, curate) or a map over its
-input's shards (rollout, grade): a killed run redoes at most the shards it was writing.
+input's shards (rollout, grade, score): a killed run redoes at most the shards it was writing.
+The score stage (prm/score.py) runs when the recipe has a `score:` section.
 
 New stages plug in by name in `STAGE_ORDER` and a function in `MAP_STAGES`: each takes
 its config and the shard table and returns (out, rejected, stats).
@@ -31,6 +32,7 @@ from factory.engine import Engine, EngineConfig
 from factory.grade import GradeConfig
 from factory.ingest import IngestConfig, ingest
 from factory.rollout import RolloutConfig, prompt_messages, rollout_table
+from prm.score import ScoreConfig
 
 
 @dataclass
@@ -48,6 +50,8 @@ class Recipe:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     grade: GradeConfig = field(default_factory=GradeConfig)
+    score: ScoreConfig | None = None
+    """PRM scoring between grade and curate; absent: no score stage."""
     curate: CurateConfig = field(default_factory=CurateConfig)
 
 
@@ -79,10 +83,12 @@ def _input_signature(paths: list[str]) -> list:
 class Runner:
     """Runs a recipe's stages into run.output_dir, reusing finished work."""
 
-    def __init__(self, recipe: Recipe, engine: Engine | None = None, log: Callable[[str], None] = print):
+    def __init__(self, recipe: Recipe, engine: Engine | None = None, log: Callable[[str], None] = print,
+                 scorer=None):
         self.recipe = recipe
         self.run_dir = Path(recipe.run.output_dir)
         self._engine = engine
+        self._scorer = scorer
         self.log = log
         self.stats: dict[str, dict] = {}
 
@@ -162,6 +168,23 @@ class Runner:
             if pool is not None:
                 pool.close()
 
+    def run_score(self, upstream: store.StageDir) -> store.StageDir:
+        from prm.score import check, score_table
+
+        cfg = self.recipe.score
+        check(cfg)
+
+        def fn(t: pa.Table):
+            if self._scorer is None:  # loaded only when a shard really needs scoring
+                from prm.scorer import PRMScorer
+
+                self.log(f"loading PRM {cfg.prm.model} ...")
+                self._scorer = PRMScorer(cfg.prm)
+            scored, stats = score_table(t, cfg, self._scorer)
+            return scored, schema.table([], schema.REJECTED), stats
+
+        return self.run_map("score", upstream, cfg, fn)
+
     def run_curate(self, upstream: store.StageDir) -> None:
         cfg = self.recipe.curate
         sd = store.StageDir(self.run_dir, "curate")
@@ -190,9 +213,11 @@ class Runner:
         ingested = self.run_ingest()
         traces = self.run_rollout(ingested)
         graded = self.run_grade(traces)
+        stages = {"ingest": ingested, "rollout": traces, "grade": graded}
+        if self.recipe.score is not None:
+            graded = stages["score"] = self.run_score(graded)
         self.run_curate(graded)
-        stages = {"ingest": ingested, "rollout": traces, "grade": graded,
-                  "curate": store.StageDir(self.run_dir, "curate")}
+        stages["curate"] = store.StageDir(self.run_dir, "curate")
         replace_dir(self.run_dir / "rejected", {f"{n}.parquet": sd.read_rejected() for n, sd in stages.items()})
         manifest = build_manifest(self.recipe, stages, time.perf_counter() - t0)
         store.write_json(manifest, self.run_dir / "manifest.json")
@@ -238,12 +263,13 @@ def build_manifest(recipe: Recipe, stages: dict[str, store.StageDir], seconds: f
         if tokens:
             gen = sum(s.get("generate_seconds", 0.0) for s in shards)
             entry.update(generated_tokens=tokens, tokens_per_s=round(tokens / max(gen, 1e-9), 1))
-        if name == "grade":
-            verdicts: dict[str, int] = {}
-            for s in shards:
-                for k, v in s.get("verdicts", {}).items():
-                    verdicts[k] = verdicts.get(k, 0) + v
-            entry["verdicts"] = verdicts
+        for key in ("verdicts", "prm_status"):  # grade's and score's per-shard counts
+            if any(key in s for s in shards):
+                total: dict[str, int] = {}
+                for s in shards:
+                    for k, v in s.get(key, {}).items():
+                        total[k] = total.get(k, 0) + v
+                entry[key] = total
         if name == "curate" and shards:
             entry["pairs"] = shards[0]["pairs"]
         counts[name] = entry
@@ -258,6 +284,6 @@ def build_manifest(recipe: Recipe, stages: dict[str, store.StageDir], seconds: f
     }
 
 
-def run(recipe: Recipe, engine: Engine | None = None, log: Callable[[str], None] = print) -> dict:
-    """Run `recipe`'s stages; pass `engine` to reuse one already started."""
-    return Runner(recipe, engine, log).run()
+def run(recipe: Recipe, engine: Engine | None = None, log: Callable[[str], None] = print, scorer=None) -> dict:
+    """Run `recipe`'s stages; pass `engine` (and a PRM `scorer`) to reuse ones already loaded."""
+    return Runner(recipe, engine, log, scorer).run()

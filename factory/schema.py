@@ -5,6 +5,7 @@ Tables grow stage by stage; a stage adds columns and never rewrites or drops ups
     problems   (ingest)   problem_id, question, answer, domain, choices, source, split, level
     traces     (rollout)  problems + trace_id, sample_index, text, reasoning, answer_text, ...
     graded     (grade)    traces + extracted_answer, verdict, format_ok, grade_detail
+    scored     (score)    graded + prm_step_scores, prm_mean/min/prod/last, prm_status, prm_pass
     curriculum (curate)   SFT rows: prompt/completion messages + ids + difficulty
     pairs      (curate)   DPO rows: prompt/chosen/rejected messages + ids
     rejected   (any)      what a stage dropped, why, and the whole dropped record
@@ -60,6 +61,19 @@ GRADE_COLUMNS = [
     ("grade_detail", pa.string()),
 ]
 GRADED = pa.schema(list(TRACES) + [pa.field(n, t) for n, t in GRADE_COLUMNS])
+
+# Added by the score stage (prm/score.py); curate carries every prm_* column into the curriculum.
+SCORE_COLUMNS = [
+    ("prm_step_scores", pa.list_(pa.float64())),  # one per step; null when not scored
+    ("prm_num_steps", pa.int32()),
+    ("prm_mean", pa.float64()),
+    ("prm_min", pa.float64()),
+    ("prm_prod", pa.float64()),
+    ("prm_last", pa.float64()),
+    ("prm_status", pa.string()),  # ok | no_reasoning | too_many_steps | step_too_long | too_long | separator_mismatch
+    ("prm_pass", pa.bool_()),  # false: curate drops the trace (under the threshold, or unscored)
+    ("prm_model", pa.string()),
+]
 
 # Per-problem statistics computed by curate and carried on its output rows.
 DIFFICULTY_COLUMNS = [

@@ -1,0 +1,71 @@
+"""Stage `score`: a process reward model's score for every step of every graded trace.
+
+In:  graded traces.   Out: graded + schema.SCORE_COLUMNS (prm_step_scores, prm_num_steps,
+     prm_mean / prm_min / prm_prod / prm_last, prm_status, prm_pass, prm_model).
+
+Scoring drops nothing (difficulty is the pass rate over *all* K traces, so curate must still
+see every one): it marks. `prm_pass` is false for a trace whose `filter_aggregate` is under
+`threshold`, and for one that could not be scored (no reasoning, over a split limit, longer
+than the PRM's context) unless `keep_unscored`; curate then drops such correct traces with
+drop_reason `prm_below_threshold` or `prm_<status>`. Wrong traces are scored too: DPO pairs
+and PRM evaluation use their scores.
+
+    factory run RECIPE            (with a `score:` section; it runs between grade and curate)
+    factory prm score RECIPE      (scores a run's graded traces into a Parquet file)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from factory import schema
+from prm.scorer import OK, PRMConfig, PRMScorer, aggregates
+from prm.steps import SplitConfig, split_steps
+
+AGGREGATES = ("prm_mean", "prm_min", "prm_prod", "prm_last")
+
+
+@dataclass
+class ScoreConfig:
+    prm: PRMConfig = field(default_factory=PRMConfig)
+    """The PRM and how to read it."""
+    split: SplitConfig = field(default_factory=SplitConfig)
+    """How a trace's reasoning is cut into steps."""
+    filter_aggregate: str = "prm_mean"
+    """The aggregate the threshold applies to: prm_mean (the seed recipe's) | prm_min | prm_prod | prm_last."""
+    threshold: float | None = None
+    """Correct traces whose aggregate is under this are dropped by curate; None: score, don't filter."""
+    keep_unscored: bool = False
+    """With a threshold: keep traces that could not be scored (else dropped as prm_<status>)."""
+
+
+def check(cfg: ScoreConfig) -> None:
+    if cfg.filter_aggregate not in AGGREGATES:
+        raise ValueError(f"score.filter_aggregate={cfg.filter_aggregate!r}; use one of {', '.join(AGGREGATES)}")
+
+
+def score_table(graded: pa.Table, cfg: ScoreConfig, scorer: PRMScorer) -> tuple[pa.Table, dict]:
+    """Add the PRM columns to every row; returns (table, stats)."""
+    check(cfg)
+    rows = graded.to_pylist()
+    split = [split_steps(r["reasoning"], cfg.split) for r in rows]
+    todo = [i for i, (_, status) in enumerate(split) if status == OK]
+    results = scorer.score([(rows[i]["question"], split[i][0]) for i in todo])
+    statuses: dict[str, int] = {}
+    for row, (steps, status) in zip(rows, split):
+        row.update(prm_step_scores=None, prm_num_steps=len(steps), prm_status=status, prm_model=cfg.prm.model,
+                   **{a: None for a in AGGREGATES})
+    for i, res in zip(todo, results):
+        rows[i]["prm_status"] = res.status
+        if res.status == OK:
+            rows[i].update(prm_step_scores=res.scores, **aggregates(res.scores))
+    for row in rows:
+        statuses[row["prm_status"]] = statuses.get(row["prm_status"], 0) + 1
+        if row["prm_status"] != OK:
+            row["prm_pass"] = cfg.threshold is None or cfg.keep_unscored
+        else:
+            row["prm_pass"] = cfg.threshold is None or row[cfg.filter_aggregate] >= cfg.threshold
+    table = schema.table(rows, schema.extend(graded.schema, schema.SCORE_COLUMNS))
+    return table, {"prm_status": statuses, "prm_fail": sum(not r["prm_pass"] for r in rows)}

@@ -1,0 +1,94 @@
+"""The score stage: PRM columns on every trace, and curate's PRM filter inside a pipeline run."""
+
+from __future__ import annotations
+
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from factory import pipeline, schema, store
+from prm import tiny
+from prm.score import ScoreConfig, score_table
+from prm.scorer import PRMConfig, PRMScorer
+from prm.steps import SplitConfig
+
+from conftest import load, toy_recipe
+
+
+@pytest.fixture(scope="module")
+def prm_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prm") / "cls"
+    tiny.classification_prm(out)
+    return out
+
+
+def graded_rows() -> list[dict]:
+    base = {"problem_id": "p", "question": "What is 2 + 2?", "answer": "4", "domain": "numeric",
+            "verdict": "correct"}
+    return [
+        {**base, "trace_id": "a", "reasoning": "2 + 2 = 4.\n\nSo 4."},
+        {**base, "trace_id": "b", "reasoning": "2 + 2 = 5.", "verdict": "wrong"},
+        {**base, "trace_id": "c", "reasoning": None},
+        {**base, "trace_id": "d", "reasoning": "x\n\n" * 5},
+    ]
+
+
+def test_score_table_marks_and_never_drops(prm_dir):
+    import pyarrow as pa
+
+    graded = pa.Table.from_pylist(graded_rows())
+    scorer = PRMScorer(PRMConfig(model=str(prm_dir)))
+    cfg = ScoreConfig(prm=PRMConfig(model=str(prm_dir)), split=SplitConfig(max_steps=3))
+    out, stats = score_table(graded, cfg, scorer)
+    rows = out.to_pylist()
+    assert [r["trace_id"] for r in rows] == ["a", "b", "c", "d"] and out.column_names[:len(graded.column_names)] == graded.column_names
+    a, b, c, d = rows
+    assert a["prm_status"] == "ok" and a["prm_num_steps"] == 2 and len(a["prm_step_scores"]) == 2
+    assert a["prm_mean"] == pytest.approx(sum(a["prm_step_scores"]) / 2)
+    assert a["prm_min"] == min(a["prm_step_scores"]) and a["prm_last"] == a["prm_step_scores"][-1]
+    assert b["prm_status"] == "ok" and b["prm_num_steps"] == 1  # wrong traces are scored too
+    assert c["prm_status"] == "no_reasoning" and c["prm_mean"] is None
+    assert d["prm_status"] == "too_many_steps" and d["prm_num_steps"] == 5 and d["prm_step_scores"] is None
+    assert all(r["prm_pass"] for r in rows)  # no threshold: nothing fails
+    assert stats["prm_status"] == {"ok": 2, "no_reasoning": 1, "too_many_steps": 1}
+    # with a threshold between a's and b's means, and unscored traces not kept
+    th = (a["prm_mean"] + b["prm_mean"]) / 2
+    out2, stats2 = score_table(graded, ScoreConfig(prm=cfg.prm, split=cfg.split, threshold=th), scorer)
+    passed = {r["trace_id"]: r["prm_pass"] for r in out2.to_pylist()}
+    assert passed["a"] == (a["prm_mean"] >= th) and passed["b"] == (b["prm_mean"] >= th) and passed["a"] != passed["b"]
+    assert passed["c"] is False and passed["d"] is False and stats2["prm_fail"] == 3
+    assert out2.schema.field("prm_step_scores").type == schema.SCORE_COLUMNS[0][1]
+
+
+def test_pipeline_with_a_score_stage(tmp_path, full_run, prm_dir, teacher_dir, problems_file):
+    """Copy the finished toy run, add `score:`: rollout and grade are reused, score and curate run."""
+    src, plain = full_run
+    out = tmp_path / "scored"
+    shutil.copytree(src, out)
+    data = toy_recipe(out, str(teacher_dir), problems_file)
+    data["score"] = {"prm": {"model": str(prm_dir)}}
+    manifest = pipeline.run(load(data), engine=None)  # no engine: rollout must be reused
+    graded = store.StageDir(out, "score").read().to_pylist()
+    correct = [r for r in graded if r["verdict"] == "correct" and not r["truncated"] and r["format_ok"]]
+    means = sorted(r["prm_mean"] for r in correct)
+    threshold = means[len(means) // 2]
+    data["score"]["threshold"] = threshold
+    manifest = pipeline.run(load(data), engine=None)
+    assert set(manifest["stages"]) == {"ingest", "rollout", "grade", "score", "curate"}
+    statuses = manifest["stages"]["score"]["prm_status"]
+    assert sum(statuses.values()) == 800 and statuses["ok"] > 700
+    assert statuses == {k: sum(r["prm_status"] == k for r in graded) for k in statuses}
+    files = [out / s["file"] for s in manifest["curriculum"]]
+    cur = pq.ParquetDataset(files).read().to_pylist()
+    assert cur and all(r["prm_mean"] >= threshold and len(r["prm_step_scores"]) == r["prm_num_steps"] for r in cur)
+    rejected = pq.read_table(out / "rejected" / "curate.parquet").to_pylist()
+    below = [r for r in rejected if r["drop_reason"] == "prm_below_threshold"]
+    assert len(below) == sum(m < threshold for m in means) > 0
+    assert all("prm_mean=" in r["detail"] for r in below)
+    assert len(cur) + len(rejected) == 800  # every trace is somewhere
+    # difficulty is the pass rate over all 8 traces, whatever the PRM says
+    before = {r["problem_id"]: r["pass_rate"] for r in pq.read_table(src / "difficulty.parquet").to_pylist()}
+    after = {r["problem_id"]: r["pass_rate"] for r in pq.read_table(out / "difficulty.parquet").to_pylist()}
+    assert before == after
+    assert plain["stages"]["curate"]["out"] > manifest["stages"]["curate"]["out"]
