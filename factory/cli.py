@@ -6,6 +6,7 @@
         [--dry-run]                                 check data, lengths, order and TRL arguments; no weights
     factory eval RECIPE [key=value ...]           pass@k / maj@k of a model on held-out problems
     factory eval --compare A B                    two eval results side by side
+    factory prm score|label|train|eval|calibrate RECIPE [key=value ...]   process reward models (prm/cli.py)
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("recipe", nargs="?")
     p_eval.add_argument("overrides", nargs="*", help="section.key=value")
     p_eval.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two eval.json files (or their dirs)")
+    p_prm = sub.add_parser("prm", help="PRM: score traces, Monte-Carlo labels, train, ProcessBench eval, calibrate")
+    p_prm.add_argument("prm_cmd", choices=["score", "label", "train", "eval", "calibrate"])
+    p_prm.add_argument("recipe")
+    p_prm.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "run":
@@ -110,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 result = evaluate.evaluate(evaluate.load_recipe(args.recipe, args.overrides))
                 print("\n" + evaluate.table(result))
+        elif args.cmd == "prm":
+            from prm import cli as prm_cli
+
+            prm_cli.run_command(args.prm_cmd, prm_cli.load_recipe(args.recipe, args.overrides))
     except (ConfigError, IngestError, FileNotFoundError, ValueError) as e:
         print(f"factory: error: {e}", file=sys.stderr)
         return 2

@@ -78,13 +78,20 @@ class VLLMEngine:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_space_gb)
         from vllm import LLM
 
+        extra = dict(config.extra)
+        import torch
+
+        if not torch.cuda.is_available():
+            # vllm-cpu 0.32: a seeded request whose prefill is split across steps crashes the
+            # worker ("CPU Generator does not use offset"); every rollout request is seeded.
+            extra.setdefault("enable_chunked_prefill", False)
         self.config = config
         self.model_name = config.model
         self.llm = LLM(
             model=config.model, dtype=config.dtype, max_model_len=config.max_model_len,
             gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed,
             tensor_parallel_size=config.tensor_parallel_size, enforce_eager=config.enforce_eager,
-            **config.extra,
+            **extra,
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len

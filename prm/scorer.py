@@ -98,7 +98,11 @@ class PRMScorer:
 
             if not cfg.model:
                 raise ValueError("prm.model is empty: name a local PRM directory")
-            tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+            except OSError as e:
+                raise FileNotFoundError(f"prm.model={cfg.model!r}: not a local model directory, and not loadable "
+                                        f"from the hub ({str(e).splitlines()[0]})") from None
         self.tokenizer = tokenizer
         self.model = model if model is not None else self._load()
         self.model.eval()

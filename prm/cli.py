@@ -1,0 +1,110 @@
+"""`factory prm score | label | train | eval | calibrate RECIPE [section.key=value ...]`.
+
+One recipe (PRMRecipe) holds the whole PRM loop; each command reads the sections it needs:
+
+    label      engine, rollout, grade, split, label    -> label.output/labels.parquet
+    train      prm, train                              -> train.output_dir (a PRM)
+    eval       prm, split, eval                        -> ProcessBench F1 on held-out labels
+    calibrate  prm, calibrate                          -> the filter threshold for `score`
+    score      prm, split, score                       -> a run's graded traces with PRM columns
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from factory import config as config_mod
+from factory import store
+from factory.engine import EngineConfig
+from factory.grade import GradeConfig
+from factory.pipeline import RunConfig
+from factory.rollout import RolloutConfig
+from prm.evaluate import CalibrateConfig, PRMEvalConfig, calibrate, evaluate_prm
+from prm.label import LabelConfig, label_traces
+from prm.score import ScoreConfig, score_table
+from prm.scorer import PRMConfig, PRMScorer
+from prm.steps import SplitConfig
+from prm.train import PRMTrainConfig, read_labels, train_prm
+
+
+@dataclass
+class ScoreFileConfig:
+    run_dir: str = ""
+    """A `factory run` whose graded traces are scored."""
+    output: str = "runs/scored.parquet"
+
+
+@dataclass
+class PRMRecipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grade: GradeConfig = field(default_factory=GradeConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    prm: PRMConfig = field(default_factory=PRMConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    train: PRMTrainConfig = field(default_factory=PRMTrainConfig)
+    eval: PRMEvalConfig = field(default_factory=PRMEvalConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    score: ScoreFileConfig = field(default_factory=ScoreFileConfig)
+
+
+def load_recipe(path, overrides=()) -> PRMRecipe:
+    return config_mod.load(PRMRecipe, path, overrides)
+
+
+def labels_path(r: PRMRecipe) -> str:
+    return str(Path(r.label.output) / "labels.parquet")
+
+
+def run_command(cmd: str, r: PRMRecipe, engine=None, log=print) -> dict:
+    """Run one `factory prm` command; returns its report (also written as JSON)."""
+    if cmd == "label":
+        graded = store.StageDir(Path(r.label.run_dir), "grade")
+        if not graded.complete:
+            raise FileNotFoundError(f"{r.label.run_dir}: no finished grade stage; run `factory run` first")
+        if engine is None:
+            from factory.engine import VLLMEngine
+
+            engine = VLLMEngine(r.engine)
+        labels = label_traces(graded.read(), r.label, r.split, r.rollout, r.grade, engine, r.run.progress)
+        store.write_parquet(labels, Path(labels_path(r)))
+        rows = labels.to_pylist()
+        ok = [x for x in rows if x["status"] == "ok"]
+        report = {"traces": len(rows), "status": {s: sum(x["status"] == s for x in rows) for s in {x["status"] for x in rows}},
+                  "steps": sum(len(x["steps"]) for x in ok), "erroneous": sum(x["first_error"] != -1 for x in ok),
+                  "test": sum(x["split"] == "test" for x in ok)}
+        store.write_json(report, Path(r.label.output) / "label_report.json")
+        log(f"prm label: {json.dumps(report)} -> {labels_path(r)}")
+        return report
+    if cmd == "train":
+        cfg = r.train if r.train.labels else PRMTrainConfig(**{**r.train.__dict__, "labels": labels_path(r)})
+        return train_prm(cfg, r.prm, log)
+    scorer = PRMScorer(r.prm)
+    if cmd == "eval":
+        path = r.eval.labels or labels_path(r)
+        report = evaluate_prm(read_labels(path, r.eval.split), scorer, r.eval)
+        report.update(prm=r.prm.model, labels=path, split=r.eval.split)
+        store.write_json(report, Path(r.eval.output or Path(path).with_name(f"prm_eval_{Path(r.prm.model).name}.json")))
+        log(f"prm eval ({r.prm.model} on {report['scored']} {r.eval.split or 'all'} traces): ProcessBench F1 "
+            f"{report['f1']:.3f} (accuracy {report['acc_erroneous']:.3f} on {report['erroneous']} erroneous, "
+            f"{report['acc_correct']:.3f} on {report['correct']} correct)")
+        return report
+    if cmd == "calibrate":
+        path = r.eval.labels or labels_path(r)
+        report = calibrate(read_labels(path, r.calibrate.split), scorer, r.calibrate)
+        log(f"prm calibrate: score.threshold={report['threshold']:.4f} on {report['aggregate']} "
+            f"(F1 {report['f1']:.3f}, precision {report['precision']:.3f}, recall {report['recall']:.3f}, "
+            f"keeps {report['kept']} of {report['traces']})")
+        return report
+    if cmd == "score":
+        graded = store.StageDir(Path(r.score.run_dir), "grade")
+        if not graded.complete:
+            raise FileNotFoundError(f"{r.score.run_dir}: no finished grade stage; run `factory run` first")
+        table, stats = score_table(graded.read(), ScoreConfig(prm=r.prm, split=r.split), scorer)
+        store.write_parquet(table, Path(r.score.output))
+        log(f"prm score: {table.num_rows} traces {stats['prm_status']} -> {r.score.output}")
+        return stats
+    raise ValueError(f"unknown prm command {cmd!r}")

@@ -1,0 +1,143 @@
+"""Math-Shepherd style Monte-Carlo step labels for a run's traces.
+
+In:  a finished `factory run` (its graded traces) and the rollout engine.
+Out: LABEL.output/labels.parquet, one row per trace (schema LABELS): its steps, and per step
+     the share of N sampled continuations from that step's prefix that reach the reference
+     answer (soft label) and whether any does (hard label); `first_error` is the index of the
+     first step with hard label 0, or -1 (ProcessBench's form). `split` puts a share of the
+     problems aside (by a hash of problem_id) for evaluating the PRM trained on the rest.
+
+A step prefix is the prompt the teacher saw, "<think>\\n", and the steps up to and including
+this one, each followed by a blank line; the teacher continues from there. With
+`propagate_errors` (the default) sampling stops at a trace's first hard-0 step and the later
+steps are labelled 0 (marked `propagated`): a chain that has already gone wrong is wrong.
+Traces that can't be labelled (no reasoning, over the split limits, a prefix longer than the
+engine's context) keep a row with their `status` and no labels.
+
+    factory prm label recipes/toy_addition_prm.yaml
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from factory import answers
+from factory.engine import Engine, Sampling
+from factory.grade import GradeConfig, GradeJob, make_pool
+from factory.rollout import RolloutConfig, render_prompt, request_seed
+from factory.workers import Failed, TimedOut
+from prm.steps import OK, SplitConfig, split_steps
+
+LABELS = pa.schema([
+    ("problem_id", pa.string()), ("trace_id", pa.string()), ("question", pa.string()), ("answer", pa.string()),
+    ("domain", pa.string()), ("level", pa.int32()), ("split", pa.string()), ("verdict", pa.string()),
+    ("steps", pa.list_(pa.string())), ("step_soft", pa.list_(pa.float64())), ("step_hard", pa.list_(pa.int32())),
+    ("propagated", pa.list_(pa.bool_())), ("first_error", pa.int32()), ("status", pa.string()),
+    ("label_source", pa.string()),
+])
+
+
+@dataclass
+class LabelConfig:
+    run_dir: str = ""
+    """The `factory run` whose graded traces are labelled."""
+    output: str = "runs/prm_labels"
+    """Directory for labels.parquet."""
+    num_completions: int = 8
+    """N: continuations sampled from each step prefix."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    """Budget of each continuation."""
+    seed: int = 0
+    max_traces: int | None = None
+    """Label at most this many traces (the first by trace_id); None: all."""
+    verdicts: list[str] = field(default_factory=lambda: ["correct", "wrong"])
+    """Which traces to label (by the grader's verdict on the whole trace)."""
+    propagate_errors: bool = True
+    """Stop at the first hard-0 step; later steps are labelled 0."""
+    heldout_fraction: float = 0.2
+    """Share of problems whose traces get split=test."""
+
+
+def split_of(problem_id: str, heldout_fraction: float) -> str:
+    h = int(hashlib.sha256(f"prm-split:{problem_id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "test" if h < heldout_fraction else "train"
+
+
+def first_error(hard: list[int]) -> int:
+    return next((i for i, h in enumerate(hard) if h == 0), -1)
+
+
+def prefix_prompt(prompt: str, steps: list[str]) -> str:
+    head = prompt if prompt.rstrip().endswith(answers.THINK_OPEN) else prompt + answers.THINK_OPEN
+    return head.rstrip("\n") + "\n" + "\n\n".join(steps) + "\n\n"
+
+
+def label_traces(graded: pa.Table, cfg: LabelConfig, split_cfg: SplitConfig, rollout: RolloutConfig,
+                 grade: GradeConfig, engine: Engine, progress: bool = True) -> pa.Table:
+    """Monte-Carlo labels for every selected trace (one output row per trace)."""
+    rows = sorted((r for r in graded.to_pylist() if r["verdict"] in cfg.verdicts), key=lambda r: r["trace_id"])
+    rows = rows[: cfg.max_traces] if cfg.max_traces is not None else rows
+    items = []
+    for r in rows:
+        steps, status = split_steps(r["reasoning"], split_cfg)
+        items.append({"row": r, "steps": steps, "status": status, "soft": [], "hard": [], "prop": [],
+                      "prompt": render_prompt(r["question"], rollout, engine) if status == OK else None})
+    pool = make_pool(grade)
+    try:
+        depth = max((len(it["steps"]) for it in items if it["status"] == OK), default=0)
+        for k in tqdm(range(depth), desc="label (step)", disable=not progress):
+            # one engine call per step index: every live trace's k-th prefix
+            live = [it for it in items if it["status"] == OK and k < len(it["steps"])
+                    and not (cfg.propagate_errors and 0 in it["hard"])]
+            prompts = [prefix_prompt(it["prompt"], it["steps"][: k + 1]) for it in live]
+            lengths = engine.tokenize(prompts) if prompts else []
+            fits = []
+            for it, p, ids in zip(live, prompts, lengths):
+                if len(ids) >= engine.max_model_len:
+                    it["status"] = "prefix_too_long"
+                else:
+                    fits.append((it, p))
+            sampling = [Sampling(n=cfg.num_completions, temperature=cfg.temperature, top_p=cfg.top_p,
+                                 max_tokens=cfg.max_tokens,
+                                 seed=request_seed(cfg.seed, f"{it['row']['trace_id']}:{k}")) for it, _ in fits]
+            outs = engine.generate([p for _, p in fits], sampling) if fits else []
+            jobs, owners = [], []
+            for (it, _), completions in zip(fits, outs):
+                head = answers.THINK_OPEN + "\n" + "\n\n".join(it["steps"][: k + 1]) + "\n\n"
+                for c in completions:
+                    r = it["row"]
+                    jobs.append(GradeJob(head + c.text, r["answer"], r["domain"], r["choices"], grade))
+                    owners.append(it)
+            correct: dict[int, int] = {}
+            for it, res in zip(owners, pool.map(jobs)):
+                ok = not isinstance(res, (TimedOut, Failed)) and res[0] == "correct"
+                correct[id(it)] = correct.get(id(it), 0) + ok
+            for it, _ in fits:
+                c = correct.get(id(it), 0)
+                it["soft"].append(c / cfg.num_completions)
+                it["hard"].append(int(c > 0))
+                it["prop"].append(False)
+    finally:
+        pool.close()
+    out = []
+    for it in items:
+        r, ok = it["row"], it["status"] == OK
+        if ok and cfg.propagate_errors and len(it["hard"]) < len(it["steps"]):
+            n = len(it["steps"]) - len(it["hard"])
+            it["soft"] += [0.0] * n
+            it["hard"] += [0] * n
+            it["prop"] += [True] * n
+        out.append({
+            "problem_id": r["problem_id"], "trace_id": r["trace_id"], "question": r["question"],
+            "answer": r["answer"], "domain": r["domain"], "level": r.get("level"),
+            "split": split_of(r["problem_id"], cfg.heldout_fraction), "verdict": r["verdict"],
+            "steps": it["steps"], "step_soft": it["soft"] if ok else None, "step_hard": it["hard"] if ok else None,
+            "propagated": it["prop"] if ok else None, "first_error": first_error(it["hard"]) if ok else None,
+            "status": it["status"], "label_source": "monte_carlo"})
+    return pa.Table.from_pylist(out, schema=LABELS)

@@ -1,0 +1,81 @@
+"""label -> train -> eval -> calibrate on the toy run's traces, with the shared teacher engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from factory import cli, store
+from prm import cli as prm_cli
+from prm.evaluate import predicted_first_error, processbench
+from prm.label import first_error, prefix_prompt
+from prm.scorer import PRMConfig, PRMScorer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_processbench_f1_and_prediction():
+    assert predicted_first_error([0.9, 0.4, 0.2], 0.5) == 1 and predicted_first_error([0.9, 0.8], 0.5) == -1
+    r = processbench([-1, -1, 2, 0], [-1, 1, 2, 1])  # correct: 1 of 2; erroneous: 1 of 2
+    assert r["acc_correct"] == 0.5 and r["acc_erroneous"] == 0.5 and r["f1"] == 0.5
+    assert processbench([-1, 0], [-1, -1])["f1"] == 0.0  # calling everything right scores 0
+    assert first_error([1, 1, 0, 0]) == 2 and first_error([1, 1]) == -1
+
+
+def test_prefix_prompt_continues_inside_the_think_block():
+    assert prefix_prompt("<|im_start|>assistant\n", ["a", "b"]) == "<|im_start|>assistant\n<think>\na\n\nb\n\n"
+    assert prefix_prompt("<|im_start|>assistant\n<think>\n", ["a"]) == "<|im_start|>assistant\n<think>\na\n\n"
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory, full_run, engine, teacher_dir):
+    out = tmp_path_factory.mktemp("prm_loop")
+    recipe = prm_cli.load_recipe(ROOT / "recipes" / "toy_addition_prm.yaml", [
+        f"engine.model={teacher_dir}", f"label.run_dir={full_run[0]}", f"label.output={out / 'labels'}",
+        "label.num_completions=4", f"train.base_model={teacher_dir}", f"train.output_dir={out / 'prm'}",
+        f"prm.model={out / 'prm'}", "run.progress=false"])
+    label_report = prm_cli.run_command("label", recipe, engine=engine, log=lambda m: None)
+    train_report = prm_cli.run_command("train", recipe, log=lambda m: None)
+    return recipe, label_report, train_report
+
+
+def test_monte_carlo_labels(loop, full_run):
+    recipe, report, _ = loop
+    labels = pq.read_table(prm_cli.labels_path(recipe)).to_pylist()
+    graded = {r["trace_id"]: r for r in store.StageDir(full_run[0], "grade").read().to_pylist()}
+    assert len(labels) == sum(r["verdict"] in ("correct", "wrong") for r in graded.values()) == report["traces"]
+    ok = [r for r in labels if r["status"] == "ok"]
+    assert len(ok) > 0.9 * len(labels)
+    for r in ok:
+        assert len(r["step_soft"]) == len(r["step_hard"]) == len(r["steps"]) == len(r["propagated"])
+        assert all(s in (0, 0.25, 0.5, 0.75, 1.0) for s in r["step_soft"])  # 4 continuations each
+        assert r["step_hard"] == [int(s > 0) for s in r["step_soft"]] and r["first_error"] == first_error(r["step_hard"])
+    # the labels mean something: a step that wrote the wrong sum rarely leads to the right answer
+    rate = lambda v: sum(r["step_hard"][0] for r in ok if r["verdict"] == v) / sum(r["verdict"] == v for r in ok)
+    assert rate("correct") > rate("wrong") + 0.3, (rate("correct"), rate("wrong"))
+    # held-out problems are held out whole
+    test = {r["problem_id"] for r in ok if r["split"] == "test"}
+    train = {r["problem_id"] for r in ok if r["split"] == "train"}
+    assert test and train and not test & train
+
+
+def test_trained_prm_loads_evaluates_and_calibrates(loop, capsys):
+    recipe, _, train_report = loop
+    losses = [h["loss"] for h in train_report["log_history"] if "loss" in h]
+    assert losses[-1] < losses[0]
+    scorer = PRMScorer(PRMConfig(model=recipe.prm.model, family="classification", system_prompt=None))
+    (res,) = scorer.score([("What is 2 + 3?", ["2 + 3 = 5"])])
+    assert res.status == "ok" and len(res.scores) == 1
+    overrides = [f"{k}={v}" for k, v in [("prm.model", recipe.prm.model), ("label.output", recipe.label.output)]]
+    assert cli.main(["prm", "eval", str(ROOT / "recipes" / "toy_addition_prm.yaml"), *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert "ProcessBench F1" in printed
+    report = prm_cli.run_command("eval", recipe, log=lambda m: None)
+    assert report["scored"] > 20 and report["erroneous"] > 0 and report["correct"] > 0
+    # trained on the teacher's own labels, the PRM beats always-right / always-wrong (F1 0)
+    assert report["f1"] > 0.5
+    assert report["step_mean_score"]["right"] > report["step_mean_score"]["wrong"]
+    cal = prm_cli.run_command("calibrate", recipe, log=lambda m: None)
+    assert 0 < cal["threshold"] < 1 and cal["f1"] > 0.5 and 0 < cal["kept"] <= cal["traces"]
