@@ -130,3 +130,37 @@ class VLLMEngine:
         shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
         if shutdown:
             shutdown()
+
+
+class VLLMTokenClassifier:
+    """vLLM's pooling runner for token-classification models (Qwen2.5-Math-PRM style PRMs):
+    per-token class probabilities (`token_classify` applies the softmax). The PRM scorer's
+    `backend: vllm` uses it; vLLM runs float32 checkpoints in bfloat16 on CPU, so its scores
+    agree with transformers' float32 ones to about 1e-2."""
+
+    def __init__(self, model: str, max_model_len: int | None = None, cpu_kv_cache_space_gb: int | None = 1,
+                 gpu_memory_utilization: float = 0.3, extra: dict | None = None):
+        import torch
+
+        if cpu_kv_cache_space_gb is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kv_cache_space_gb)
+        from vllm import LLM
+
+        extra = dict(extra or {})
+        if not torch.cuda.is_available():
+            extra.setdefault("enable_chunked_prefill", False)
+        self.llm = LLM(model=model, runner="pooling", max_model_len=max_model_len,
+                       gpu_memory_utilization=gpu_memory_utilization, **extra)
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+
+    def token_probs(self, token_ids: list[list[int]]):
+        """For each sequence, a [T, num_labels] float tensor of class probabilities."""
+        outs = self.llm.encode([{"prompt_token_ids": ids} for ids in token_ids], pooling_task="token_classify",
+                               use_tqdm=False)
+        return [o.outputs.data.float().cpu() for o in outs]
+
+    def close(self) -> None:
+        engine = getattr(self.llm, "llm_engine", None)
+        shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if shutdown:
+            shutdown()

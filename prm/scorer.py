@@ -10,7 +10,8 @@ Two families of public PRMs, which differ in where and how a step's score is rea
                     a step's score is softmax over the logits of the `+` and `-` tokens
                     at its tag position, taking `+`.
 
-Backend: transformers, batched with sequences sorted by length, softmax in float32. The
+Backends: transformers (batched with sequences sorted by length, softmax in float32), and for
+the classification family vLLM's pooling runner (`token_classify`, factory.engine). The
 scorer checks that the number of separators it reads equals the number of steps (a question
 holding the tag, or a tokenizer that merges it, would otherwise shift every score) and that
 the input fits the PRM's context; traces that fail are returned with a status, never with
@@ -50,8 +51,10 @@ class PRMConfig:
     """lm: the token meaning "correct step"."""
     bad_token: str = "-"
     """lm: the token meaning "wrong step"."""
+    backend: str = "transformers"
+    """transformers | vllm (classification family only: vLLM's token_classify pooling runner)."""
     batch_size: int = 8
-    """Sequences per forward pass."""
+    """Sequences per forward pass (transformers backend)."""
     max_length: int | None = None
     """Tokens the PRM can read; None: the model's max_position_embeddings. Longer inputs get
     status too_long and no scores."""
@@ -91,6 +94,10 @@ class PRMScorer:
     def __init__(self, cfg: PRMConfig, model=None, tokenizer=None):
         if cfg.family not in FAMILIES:
             raise ValueError(f"prm.family={cfg.family!r}; use classification or lm")
+        if cfg.backend not in ("transformers", "vllm"):
+            raise ValueError(f"prm.backend={cfg.backend!r}; use transformers or vllm")
+        if cfg.backend == "vllm" and cfg.family != "classification":
+            raise ValueError("prm.backend=vllm reads classification-head PRMs; use transformers for family=lm")
         self.cfg = cfg
         self.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if tokenizer is None:
@@ -105,7 +112,8 @@ class PRMScorer:
                                         f"from the hub ({str(e).splitlines()[0]})") from None
         self.tokenizer = tokenizer
         self.model = model if model is not None else self._load()
-        self.model.eval()
+        if hasattr(self.model, "eval"):
+            self.model.eval()
         if cfg.family == "classification":
             self.tag_id = _single_token(tokenizer, cfg.step_separator, "step_separator")
         else:
@@ -113,10 +121,15 @@ class PRMScorer:
             self.good_id = _single_token(tokenizer, cfg.good_token, "good_token")
             self.bad_id = _single_token(tokenizer, cfg.bad_token, "bad_token")
         config = getattr(self.model, "config", None)
-        self.max_length = cfg.max_length or getattr(config, "max_position_embeddings", None) or 4096
+        self.max_length = (cfg.max_length or getattr(self.model, "max_model_len", None)
+                           or getattr(config, "max_position_embeddings", None) or 4096)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def _load(self):
+        if self.cfg.backend == "vllm":
+            from factory.engine import VLLMTokenClassifier
+
+            return VLLMTokenClassifier(self.cfg.model, self.cfg.max_length)
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForTokenClassification
 
         kw = {"dtype": self.cfg.dtype, "trust_remote_code": self.cfg.trust_remote_code}
@@ -143,6 +156,12 @@ class PRMScorer:
     @torch.no_grad()
     def step_probabilities(self, batch: list[list[int]]) -> torch.Tensor:
         """Per token, the probability that the step ending there is correct: [B, T] float32."""
+        if self.cfg.backend == "vllm":
+            width = max(len(ids) for ids in batch)
+            out = torch.zeros(len(batch), width)
+            for i, p in enumerate(self.model.token_probs(batch)):
+                out[i, : p.shape[0]] = p[:, self.cfg.positive_label]
+            return out
         width = max(len(ids) for ids in batch)
         input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(batch), width), dtype=torch.long)

@@ -119,3 +119,18 @@ def test_aggregates():
 ])
 def test_split_steps(text, cfg, steps, status):
     assert split_steps(text, cfg) == (steps, status)
+
+
+def test_vllm_pooling_backend_agrees_with_transformers(tmp_path):
+    """vLLM's token_classify runner on the Qwen2.5-Math-PRM-style stand-in (bf16 on CPU)."""
+    out = tmp_path / "cls"
+    tiny.classification_prm(out)
+    ref = PRMScorer(PRMConfig(model=str(out))).score(ITEMS)
+    scorer = PRMScorer(PRMConfig(model=str(out), backend="vllm", max_length=256))
+    try:
+        got = scorer.score(ITEMS)
+    finally:
+        scorer.model.close()
+    for r, g in zip(ref, got):
+        assert g.status == r.status == "ok" and len(g.scores) == len(r.scores)
+        assert g.scores == pytest.approx(r.scores, abs=2e-2)
