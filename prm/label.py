@@ -8,7 +8,8 @@ Out: LABEL.output/labels.parquet, one row per trace (schema LABELS): its steps, 
      problems aside (by a hash of problem_id) for evaluating the PRM trained on the rest.
 
 A step prefix is the prompt the teacher saw, "<think>\\n", and the steps up to and including
-this one, each followed by a blank line; the teacher continues from there. With
+this one (blank-line separated), ending on the step's last character; the teacher continues
+from there, with another step or by closing the reasoning. With
 `propagate_errors` (the default) sampling stops at a trace's first hard-0 step and the later
 steps are labelled 0 (marked `propagated`): a chain that has already gone wrong is wrong.
 Traces that can't be labelled (no reasoning, over the split limits, a prefix longer than the
@@ -74,8 +75,12 @@ def first_error(hard: list[int]) -> int:
 
 
 def prefix_prompt(prompt: str, steps: list[str]) -> str:
+    """The prompt, "<think>", and the steps up to this one (blank-line separated), ending right
+    after the step's text: the model's next token decides between another step ("\n\n") and
+    closing the reasoning ("\n</think>"). Ending on a newline would cut those tokens in two
+    (byte-level BPE merges "\n\n") and decide for it."""
     head = prompt if prompt.rstrip().endswith(answers.THINK_OPEN) else prompt + answers.THINK_OPEN
-    return head.rstrip("\n") + "\n" + "\n\n".join(steps) + "\n\n"
+    return head.rstrip("\n") + "\n" + "\n\n".join(steps)
 
 
 def label_traces(graded: pa.Table, cfg: LabelConfig, split_cfg: SplitConfig, rollout: RolloutConfig,
@@ -109,7 +114,7 @@ def label_traces(graded: pa.Table, cfg: LabelConfig, split_cfg: SplitConfig, rol
             outs = engine.generate([p for _, p in fits], sampling) if fits else []
             jobs, owners = [], []
             for (it, _), completions in zip(fits, outs):
-                head = answers.THINK_OPEN + "\n" + "\n\n".join(it["steps"][: k + 1]) + "\n\n"
+                head = answers.THINK_OPEN + "\n" + "\n\n".join(it["steps"][: k + 1])
                 for c in completions:
                     r = it["row"]
                     jobs.append(GradeJob(head + c.text, r["answer"], r["domain"], r["choices"], grade))

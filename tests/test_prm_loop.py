@@ -25,8 +25,8 @@ def test_processbench_f1_and_prediction():
 
 
 def test_prefix_prompt_continues_inside_the_think_block():
-    assert prefix_prompt("<|im_start|>assistant\n", ["a", "b"]) == "<|im_start|>assistant\n<think>\na\n\nb\n\n"
-    assert prefix_prompt("<|im_start|>assistant\n<think>\n", ["a"]) == "<|im_start|>assistant\n<think>\na\n\n"
+    assert prefix_prompt("<|im_start|>assistant\n", ["a", "b"]) == "<|im_start|>assistant\n<think>\na\n\nb"
+    assert prefix_prompt("<|im_start|>assistant\n<think>\n", ["a"]) == "<|im_start|>assistant\n<think>\na"
 
 
 @pytest.fixture(scope="module")
