@@ -68,6 +68,14 @@ class EngineConfig:
     """Other vllm.LLM keyword arguments, passed as they are."""
 
 
+def shutdown(llm) -> None:
+    """Stop a vllm.LLM's engine processes (where the installed vLLM exposes a shutdown)."""
+    engine = getattr(llm, "llm_engine", None)
+    stop = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
+    if stop:
+        stop()
+
+
 class VLLMEngine:
     """vLLM's offline engine. Starting one takes 25–50 s on a CPU: build it once and pass it on."""
 
@@ -126,10 +134,7 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Shut down the engine's processes (a script that ends does this anyway)."""
-        engine = getattr(self.llm, "llm_engine", None)
-        shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
-        if shutdown:
-            shutdown()
+        shutdown(self.llm)
 
 
 class VLLMTokenClassifier:
@@ -160,7 +165,4 @@ class VLLMTokenClassifier:
         return [o.outputs.data.float().cpu() for o in outs]
 
     def close(self) -> None:
-        engine = getattr(self.llm, "llm_engine", None)
-        shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
-        if shutdown:
-            shutdown()
+        shutdown(self.llm)

@@ -23,6 +23,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pyarrow.parquet as pq
 
@@ -113,7 +114,7 @@ def metrics(by_problem: dict[str, list[dict]], ks: list[int]) -> dict:
     return out
 
 
-def group_of(cfg: EvalConfig) -> callable:
+def group_of(cfg: EvalConfig) -> Callable[[dict], str | None]:
     if cfg.group_by == "none":
         return lambda row: None
     if cfg.group_by == "level":
