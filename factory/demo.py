@@ -66,10 +66,7 @@ def unfiltered_run(run: Path, out: Path) -> Path:
                      "prompt": prompt_messages(t["question"], rcfg),
                      "completion": [{"role": "assistant", "content": t["text"]}]})
     rows.sort(key=lambda r: (r["difficulty"], r["problem_id"], r["trace_id"]))
-    store.write_parquet(schema.table(rows, schema.CURRICULUM), out / "curriculum" / "part-00000.parquet")
-    store.write_json({"curriculum": [{"file": "curriculum/part-00000.parquet", "rows": len(rows)}], "pairs": []},
-                     out / "manifest.json")
-    return out
+    return pipeline.write_curriculum_run(out, rows)
 
 
 def prm_vs_ground_truth(run: Path, cfg: DemoConfig, split: SplitConfig) -> dict:
@@ -105,10 +102,9 @@ def _svg_bars(title: str, labels: list[str], series: dict[str, list[float]], pct
         for j, (name, vals) in enumerate(series.items()):
             v = vals[i] if i < len(vals) else 0
             bh = (h - 40) * v / top
+            shown = f"{100 * v:.1f}%" if pct else f"{v}"
             parts.append(f'<rect x="{x0 + j * bw}" y="{h - bh}" width="{bw - 1}" height="{bh}" fill="{colors[j % 5]}">'
-                         f'<title>{name}: {100 * v:.1f}%</title></rect>' if pct else
-                         f'<rect x="{x0 + j * bw}" y="{h - bh}" width="{bw - 1}" height="{bh}" fill="{colors[j % 5]}">'
-                         f'<title>{name}: {v}</title></rect>')
+                         f'<title>{name}: {shown}</title></rect>')
     for j, name in enumerate(series):
         parts.append(f'<rect x="{pad + j * 130}" y="{h + 24}" width="10" height="10" fill="{colors[j % 5]}"/>'
                      f'<text x="{pad + j * 130 + 14}" y="{h + 33}">{name}</text>')

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from factory import arith, schema, store, tiny
+from factory import arith, pipeline, store, tiny
 from factory import train as train_mod
 
 QUESTION_TEMPLATE = "{question}"  # the demo's rollout.question_template: questions as they are
@@ -43,10 +43,7 @@ def gold_run(out: Path, problems: list[dict]) -> Path:
                      "domain": p["domain"], "level": p["level"], "answer": p["answer"], "num_tokens": 0,
                      "num_traces": 1, "num_correct": 1, "pass_rate": 1.0, "difficulty": p["level"] / 6,
                      "difficulty_bucket": p["level"]})
-    store.write_parquet(schema.table(rows, schema.CURRICULUM), out / "curriculum" / "part-00000.parquet")
-    store.write_json({"curriculum": [{"file": "curriculum/part-00000.parquet", "rows": len(rows)}], "pairs": []},
-                     out / "manifest.json")
-    return out
+    return pipeline.write_curriculum_run(out, rows)
 
 
 def fresh_model(out: Path, corpus: list[str], seed: int) -> Path:
@@ -72,8 +69,6 @@ def sft_from_gold(init: Path, run: Path, out: Path, steps: int, batch: int, lr: 
 
 def pipeline_run(out: Path, problems: list[dict], engine, n_traces: int = 8):
     """Teacher rollouts x n on `problems`, graded (a pipeline run without score / curate filters)."""
-    from factory import pipeline
-
     src = out.with_suffix(".jsonl")
     src.parent.mkdir(parents=True, exist_ok=True)
     src.write_text("".join(json.dumps(p) + "\n" for p in problems))

@@ -249,6 +249,15 @@ def write_curriculum(path: Path, curriculum: pa.Table, rows_per_shard: int) -> l
     return index
 
 
+def write_curriculum_run(out: Path, rows: list[dict]) -> Path:
+    """A run directory holding only a curriculum (one shard, rows in the given order) and the
+    manifest `factory train` reads: for training on data made outside the pipeline's curate."""
+    store.write_parquet(schema.table(rows, schema.CURRICULUM), out / "curriculum" / "part-00000.parquet")
+    store.write_json({"curriculum": [{"file": "curriculum/part-00000.parquet", "rows": len(rows)}], "pairs": []},
+                     out / "manifest.json")
+    return out
+
+
 def build_manifest(recipe: Recipe, stages: dict[str, store.StageDir], seconds: float) -> dict:
     counts = {}
     for name, sd in stages.items():

@@ -17,7 +17,6 @@ The separator is added to the tokenizer when it is not already one token.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,8 +138,3 @@ def train_prm(cfg: PRMTrainConfig, prm: PRMConfig, log=print) -> dict:
 def read_labels(path: str, split: str | None) -> list[dict]:
     rows = pq.read_table(path).to_pylist()
     return [r for r in rows if r["status"] == "ok" and (split is None or r["split"] == split)]
-
-
-def dump(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, default=str))
