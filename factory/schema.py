@@ -2,7 +2,9 @@
 
 Tables grow stage by stage; a stage adds columns and never rewrites or drops upstream ones:
 
-    problems   (ingest)   problem_id, question, answer, domain, choices, source, split, level
+    problems   (ingest)   problem_id, question, answer, domain, choices, source, split, level,
+                          origin, parent_problem_id
+    rewritten  (rewrite)  problems (+ rewrites) + rewrite_model, check_* (the teacher's vote)
     traces     (rollout)  problems + trace_id, sample_index, text, reasoning, answer_text, ...
     graded     (grade)    traces + extracted_answer, verdict, format_ok, grade_detail
     scored     (score)    graded + prm_step_scores, prm_mean/min/prod/last, prm_status, prm_pass
@@ -37,8 +39,19 @@ PROBLEMS = pa.schema(
         ("source", pa.string()),
         ("split", pa.string()),
         ("level", pa.int32()),  # difficulty level given by the source (e.g. MATH's 1-5); null if none
+        ("origin", pa.string()),  # original (ingested) | paraphrase | variant (made by rewrite)
+        ("parent_problem_id", pa.string()),  # the problem a rewrite was made from; null for originals
     ]
 )
+
+# Added by the rewrite stage (factory/rewrite.py); null on original rows.
+REWRITE_COLUMNS = [
+    ("rewrite_model", pa.string()),
+    ("check_answers", pa.list_(pa.string())),  # the teacher's extracted answers on the rewrite (null: none)
+    ("check_answer", pa.string()),  # their majority answer (a variant's pseudo-label)
+    ("check_votes", pa.int32()),  # how many answers agree with it
+    ("check_agreement", pa.float64()),  # check_votes / number of check rollouts
+]
 
 ROLLOUT_COLUMNS = [
     ("trace_id", pa.string()),
@@ -93,6 +106,8 @@ CURRICULUM = pa.schema(
         ("source", pa.string()),
         ("domain", pa.string()),
         ("level", pa.int32()),
+        ("origin", pa.string()),
+        ("parent_problem_id", pa.string()),
         ("answer", pa.string()),
         ("num_tokens", pa.int32()),
     ]

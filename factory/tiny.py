@@ -168,18 +168,49 @@ def build_addition_teacher(out_dir: str | Path, steps: int = TEACHER_STEPS, seed
     return save(model, tokenizer, out_dir)
 
 
+# --- a toy rewriter: paraphrases and variants of the addition questions -------------------
+
+PARAPHRASE_PROMPT, VARIANT_PROMPT = "Paraphrase: {question}", "Variant: {question}"
+
+
+def addition_rewrites(a: int, b: int, rng: random.Random) -> tuple[str, str]:
+    """(paraphrase, variant) targets for 'What is a + b?'. Some paraphrases are bad on purpose
+    (another number, or the question unchanged) so the check has something to reject."""
+    paraphrase = rng.choice([f"What is {b} + {a}?", f"What is {a} + {b}?", f"What is {a} plus {b}?",
+                             f"What is {a} + {rng.randint(0, 9)}?"])
+    variant = f"What is {rng.randint(0, 9)} + {rng.randint(0, 9)}?"
+    return paraphrase, variant
+
+
+def build_addition_rewriter(out_dir: str | Path, steps: int = 300, seed: int = 0) -> Path:
+    """A tiny rewriter for the toy questions, used with rewrite.paraphrase_prompt=PARAPHRASE_PROMPT
+    and rewrite.variant_prompt=VARIANT_PROMPT (a real rewriter gets the default, longer prompts)."""
+    rng = random.Random(seed)
+    chats = []
+    for p in addition_problems(2000, seed=seed + 1):
+        para, var = addition_rewrites(p["a"], p["b"], rng)
+        for template, target in ((PARAPHRASE_PROMPT, para), (VARIANT_PROMPT, var)):
+            chats.append(chat_prompt([{"role": "user", "content": template.format(question=p["question"])}]) + target + IM_END)
+    tokenizer = train_tokenizer(chats)
+    model = build_model(tokenizer, seed=seed)
+    fit(model, tokenizer, chats, steps=steps, seed=seed)
+    return save(model, tokenizer, out_dir)
+
+
 def main() -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="build the tiny addition teacher (skipped if present)")
+    parser = argparse.ArgumentParser(description="build the tiny addition teacher or rewriter (skipped if present)")
     parser.add_argument("out_dir")
+    parser.add_argument("--rewriter", action="store_true", help="build the toy rewriter instead of the teacher")
     parser.add_argument("--steps", type=int, default=TEACHER_STEPS)
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
     if (Path(args.out_dir) / "config.json").exists() and not args.force:
         print(f"{args.out_dir}: already built")
         return
-    print(f"built {build_addition_teacher(args.out_dir, steps=args.steps)}")
+    build = build_addition_rewriter if args.rewriter else build_addition_teacher
+    print(f"built {build(args.out_dir, steps=args.steps)}")
 
 
 if __name__ == "__main__":
