@@ -32,7 +32,8 @@ class Sampling:
 class Completion:
     text: str
     num_tokens: int
-    finish_reason: str  # "stop" | "length" (| "abort" from a server)
+    finish_reason: str  # "stop" | "length" (| "abort" from a server; "error": see error)
+    error: str | None = None  # set when a server request failed after its retries: not a trace
 
 
 class Engine(Protocol):
@@ -47,9 +48,37 @@ class Engine(Protocol):
 
 
 @dataclass
+class ServerConfig:
+    base_url: str = "http://127.0.0.1:8000/v1"
+    """The server's OpenAI-compatible root (ends in /v1)."""
+    api: str = "completions"
+    """completions (prompt rendered here with the chat template) | chat (server's template)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key; a local server takes any key."""
+    tokenizer: str | None = None
+    """Local tokenizer dir for the chat template and prompt lengths; unset: engine.model if it is a directory."""
+    max_concurrency: int = 32
+    """Requests in flight at once."""
+    max_retries: int = 5
+    """Retries of a request on 429 / 5xx / connection errors, with exponential backoff."""
+    timeout_s: float = 600.0
+    """Per-request timeout (each try)."""
+    n_per_request: bool = True
+    """Ask for n samples in one request (vLLM, SGLang); false: n requests with seeds seed+i."""
+    journal: str | None = None
+    """Where finished samples are appended; unset: RUN/server_journal.jsonl."""
+    extra_body: dict = field(default_factory=dict)
+    """Extra request fields passed as they are (e.g. top_k, repetition_penalty)."""
+
+
+@dataclass
 class EngineConfig:
+    backend: str = "vllm"
+    """vllm: in-process offline engine | server: an OpenAI-compatible server (engine.server)."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """The server backend's settings (unused by backend: vllm)."""
     model: str = ""
-    """Local model directory (or hub name where the hub is reachable)."""
+    """Local model directory (or hub name where the hub is reachable); with backend: server, the served model's name."""
     dtype: str = "auto"
     """Weights and activations dtype; on CPU vLLM runs float32 checkpoints as bfloat16."""
     max_model_len: int = 4096
@@ -66,6 +95,18 @@ class EngineConfig:
     """Engine seed; per-request seeds come from the rollout config."""
     extra: dict = field(default_factory=dict)
     """Other vllm.LLM keyword arguments, passed as they are."""
+
+
+def make_engine(config: EngineConfig, run_dir: str | os.PathLike = ".") -> Engine:
+    """The engine a recipe asks for; a server's journal defaults to RUN/server_journal.jsonl."""
+    if config.backend == "vllm":
+        return VLLMEngine(config)
+    if config.backend == "server":
+        from factory.server import ServerEngine
+
+        return ServerEngine(config.model, config.server, os.path.join(run_dir, "server_journal.jsonl"),
+                            config.max_model_len)
+    raise ValueError(f"engine.backend={config.backend!r}; use vllm or server")
 
 
 def shutdown(llm) -> None:

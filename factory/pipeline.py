@@ -108,10 +108,11 @@ class Runner:
     @property
     def engine(self) -> Engine:
         if self._engine is None:  # started only when a shard really needs generating
-            from factory.engine import VLLMEngine
+            from factory.engine import make_engine
 
-            self.log(f"starting vLLM with {self.recipe.engine.model} ...")
-            self._engine = VLLMEngine(self.recipe.engine)
+            e = self.recipe.engine
+            self.log(f"starting vLLM with {e.model} ..." if e.backend == "vllm" else f"teacher server {e.server.base_url} ({e.model})")
+            self._engine = make_engine(e, self.run_dir)
         return self._engine
 
     @property
@@ -122,10 +123,10 @@ class Runner:
         if self._rewriter is None:
             from dataclasses import replace
 
-            from factory.engine import VLLMEngine
+            from factory.engine import make_engine
 
-            self.log(f"starting vLLM with the rewriter {model} ...")
-            self._rewriter = VLLMEngine(replace(self.recipe.engine, model=model))
+            self.log(f"starting the rewriter {model} ...")
+            self._rewriter = make_engine(replace(self.recipe.engine, model=model), self.run_dir / "rewriter")
         return self._rewriter
 
     # -- stages ----------------------------------------------------------------------------

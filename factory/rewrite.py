@@ -197,6 +197,10 @@ def rewrite_table(problems: pa.Table, cfg: RewriteConfig, rewriter: Engine, teac
     for (parent, mode), completions in zip(requests, outputs):
         for k, c in enumerate(completions):
             counts[f"{mode}_asked"] += 1
+            if c.error is not None:
+                rejected.append(schema.rejected_row("rewrite", "request_failed", parent, c.error,
+                                                    problem_id=f"{parent['problem_id']}~{mode}{k}"))
+                continue
             question = parse_rewrite(c.text)
             # a variant's answer is unknown until the check votes on it
             cand = {**parent, "problem_id": f"{parent['problem_id']}~{mode}{k}", "question": question,

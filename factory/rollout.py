@@ -1,7 +1,8 @@
 """Stage `rollout`: K reasoning traces per problem from the teacher.
 
 In:  problems.   Out: traces (schema.TRACES), one row per sample; problems whose prompt
-does not fit the engine's context are rejected (prompt_too_long) instead of failing a batch.
+does not fit the engine's context are rejected (prompt_too_long) instead of failing a batch,
+and samples whose server request failed after its retries are rejected (request_failed).
 
 All K samples of a problem are one request (`Sampling(n=K)`) so its prompt is prefilled
 once. Each request's seed derives from (rollout.seed, problem_id): a problem gets the same
@@ -114,6 +115,11 @@ def rollout_table(problems: pa.Table, cfg: RolloutConfig, engine: Engine, progre
         prefix = answers.THINK_OPEN + "\n" if prompt.rstrip().endswith(answers.THINK_OPEN) else ""
         request = json.dumps(s.to_dict())
         for k, c in enumerate(completions):
+            if c.error is not None:  # a server request that failed after its retries
+                rejected.append(schema.rejected_row(
+                    "rollout", "request_failed", {**row, "sample_index": k}, problem_id=row["problem_id"],
+                    trace_id=trace_id(row["problem_id"], k, sampling_key), detail=c.error))
+                continue
             text = prefix + c.text
             split = answers.split_think(text)
             tokens += c.num_tokens
