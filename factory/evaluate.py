@@ -156,7 +156,10 @@ def evaluate(recipe: EvalRecipe, engine: Engine | None = None, log=print) -> dic
     """Sample, grade and score; writes run.output_dir/eval.json and returns it."""
     runner = Runner(recipe, engine, log)
     runner.run_dir.mkdir(parents=True, exist_ok=True)
-    graded = runner.run_grade(runner.run_rollout(runner.run_ingest()))
+    try:
+        graded = runner.run_grade(runner.run_rollout(runner.run_ingest()))
+    finally:
+        runner.close()
     rows = graded.read().to_pylist()
     result = {"model": recipe.engine.model, "n": recipe.rollout.num_traces,
               "temperature": recipe.rollout.temperature, **summarize(rows, recipe.eval, recipe.rollout.num_traces),

@@ -36,6 +36,7 @@ from factory.dedup import DedupConfig, dedup_table
 from factory.engine import Engine, EngineConfig
 from factory.grade import GradeConfig
 from factory.ingest import IngestConfig, ingest
+from factory.ray_executor import RayConfig
 from factory.rewrite import RewriteConfig, rewrite_table
 from factory.rollout import RolloutConfig, prompt_messages, rollout_table
 from prm.score import ScoreConfig
@@ -65,6 +66,10 @@ class Recipe:
     score: ScoreConfig | None = None
     """PRM scoring between grade and curate; absent: no score stage."""
     curate: CurateConfig = field(default_factory=CurateConfig)
+    executor: str = "local"
+    """local: map stages run shard by shard in this process | ray: on a Ray cluster (section `ray`)."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Cluster address and actor counts for executor: ray."""
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
@@ -102,6 +107,7 @@ class Runner:
         self._engine = engine
         self._scorer = scorer
         self._rewriter = rewriter
+        self._pool = None
         self.log = log
         self.stats: dict[str, dict] = {}
 
@@ -178,20 +184,9 @@ class Runner:
 
         cfg, r = self.recipe.rewrite, self.recipe
         check_config(cfg)
-        pool = None
-
-        def fn(t: pa.Table):
-            nonlocal pool
-            pool = pool or grade.make_pool(r.grade)
-            return rewrite_table(t, cfg, self.rewriter, self.engine, r.rollout, r.grade, r.ingest, pool)
-
         extra = (cfg.model or r.engine.model, r.engine.model, config_mod.to_dict(r.rollout), config_mod.to_dict(r.grade),
                  config_mod.to_dict(r.ingest))
-        try:
-            return self.run_map("rewrite", upstream, cfg, fn, extra_fp=extra)
-        finally:
-            if pool is not None:
-                pool.close()
+        return self.run_map("rewrite", upstream, cfg, extra_fp=extra)
 
     def run_dedup(self, upstream: store.StageDir) -> store.StageDir:
         return self.run_whole("dedup", upstream, self.recipe.dedup, lambda t: dedup_table(t, self.recipe.dedup))
@@ -206,66 +201,94 @@ class Runner:
         files = _input_signature([p for b in cfg.benchmarks for p in b.paths])
         return self.run_whole("decontam", upstream, cfg, fn, extra_fp=(files,))
 
-    def run_map(self, name: str, upstream: store.StageDir, cfg, fn: Callable[[pa.Table], tuple], extra_fp=()) -> store.StageDir:
+    def shard_fn(self, name: str) -> Callable[[pa.Table], tuple]:
+        """The per-shard function of map stage `name`: table -> (out, rejected, stats).
+        Engines, the PRM and the grading pool are made on first use and kept for later shards."""
+        r = self.recipe
+        empty = schema.table([], schema.REJECTED)
+        if name == "rollout":
+            return lambda t: rollout_table(t, r.rollout, self.engine)
+        if name == "rewrite":
+            return lambda t: rewrite_table(t, r.rewrite, self.rewriter, self.engine, r.rollout, r.grade, r.ingest,
+                                           self.grade_pool)
+        if name == "grade":
+            def fn(t: pa.Table):
+                graded = grade.grade_table(t, r.grade, self.grade_pool)
+                verdicts = graded.column("verdict").to_pylist()
+                return graded, empty, {"verdicts": {v: verdicts.count(v) for v in set(verdicts)}}
+            return fn
+        if name == "score":
+            from prm.score import score_table
+
+            def fn(t: pa.Table):
+                if self._scorer is None:  # loaded only when a shard really needs scoring
+                    from prm.scorer import PRMScorer
+
+                    self.log(f"loading PRM {r.score.prm.model} ...")
+                    self._scorer = PRMScorer(r.score.prm)
+                scored, stats = score_table(t, r.score, self._scorer)
+                return scored, empty, stats
+            return fn
+        raise ValueError(f"{name!r} is not a map stage")
+
+    @property
+    def grade_pool(self):
+        if self._pool is None:
+            self._pool = grade.make_pool(self.recipe.grade)
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the grading workers (engines passed in stay up: their owner closes them)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def process_shard(self, name: str, upstream: str, i: int) -> dict:
+        """Map stage `name` over shard `i` of stage `upstream`, written as its shard `i`.
+        The unit of work of both executors (the Ray one calls it inside its actors)."""
+        sd, up = store.StageDir(self.run_dir, name), store.StageDir(self.run_dir, upstream)
+        t0 = time.perf_counter()
+        table = up.read_shard(i)
+        out, rejected, stats = self.shard_fn(name)(table)
+        stats = {**stats, "rows_in": table.num_rows, "rows_out": out.num_rows,
+                 "dropped": store.count_reasons(rejected), "seconds": time.perf_counter() - t0}
+        sd.write_shard(i, out, rejected, stats)
+        return stats
+
+    def run_map(self, name: str, upstream: store.StageDir, cfg, extra_fp=()) -> store.StageDir:
         sd = store.StageDir(self.run_dir, name)
         fp = store.fingerprint(name, config_mod.to_dict(cfg), upstream.fingerprint, *extra_fp)
         if sd.open(fp, config_mod.to_dict(cfg)) and sd.complete:
             return sd
         n = upstream.num_shards()
-        bar = tqdm(total=n, desc=name, unit="shard", disable=not self.recipe.run.progress)
-        for i in range(n):
-            if not sd.is_done(i):
-                t0 = time.perf_counter()
-                table = upstream.read_shard(i)
-                out, rejected, stats = fn(table)
-                stats = {**stats, "rows_in": table.num_rows, "rows_out": out.num_rows,
-                         "dropped": store.count_reasons(rejected), "seconds": time.perf_counter() - t0}
-                sd.write_shard(i, out, rejected, stats)
+        pending = [i for i in range(n) if not sd.is_done(i)]
+        if getattr(self.recipe, "executor", "local") == "ray":
+            from factory.ray_executor import map_shards
+
+            map_shards(self.recipe, name, upstream.name, pending, self.log)
+        else:
+            bar = tqdm(total=n, initial=n - len(pending), desc=name, unit="shard", disable=not self.recipe.run.progress)
+            for i in pending:
+                stats = self.process_shard(name, upstream.name, i)
                 if "generated_tokens" in stats:
                     bar.set_postfix(tok_s=f"{stats['generated_tokens'] / max(stats['generate_seconds'], 1e-9):.0f}")
-            bar.update(1)
-        bar.close()
+                bar.update(1)
+            bar.close()
         sd.finish(n, {})
         return sd
 
     def run_rollout(self, upstream: store.StageDir) -> store.StageDir:
-        cfg, ecfg = self.recipe.rollout, self.recipe.engine
-        return self.run_map("rollout", upstream, cfg, lambda t: rollout_table(t, cfg, self.engine),
-                            extra_fp=(ecfg.model, ecfg.dtype, ecfg.max_model_len))
+        e = self.recipe.engine
+        return self.run_map("rollout", upstream, self.recipe.rollout, extra_fp=(e.model, e.dtype, e.max_model_len))
 
     def run_grade(self, upstream: store.StageDir) -> store.StageDir:
-        cfg = self.recipe.grade
-        pool = None
-
-        def fn(t: pa.Table):
-            nonlocal pool
-            pool = pool or grade.make_pool(cfg)
-            graded = grade.grade_table(t, cfg, pool)
-            verdicts = graded.column("verdict").to_pylist()
-            return graded, schema.table([], schema.REJECTED), {"verdicts": {v: verdicts.count(v) for v in set(verdicts)}}
-
-        try:
-            return self.run_map("grade", upstream, cfg, fn)
-        finally:
-            if pool is not None:
-                pool.close()
+        return self.run_map("grade", upstream, self.recipe.grade)
 
     def run_score(self, upstream: store.StageDir) -> store.StageDir:
-        from prm.score import check, score_table
+        from prm.score import check
 
-        cfg = self.recipe.score
-        check(cfg)
-
-        def fn(t: pa.Table):
-            if self._scorer is None:  # loaded only when a shard really needs scoring
-                from prm.scorer import PRMScorer
-
-                self.log(f"loading PRM {cfg.prm.model} ...")
-                self._scorer = PRMScorer(cfg.prm)
-            scored, stats = score_table(t, cfg, self._scorer)
-            return scored, schema.table([], schema.REJECTED), stats
-
-        return self.run_map("score", upstream, cfg, fn)
+        check(self.recipe.score)
+        return self.run_map("score", upstream, self.recipe.score)
 
     def run_curate(self, upstream: store.StageDir) -> None:
         cfg = self.recipe.curate
@@ -289,6 +312,12 @@ class Runner:
     # -- the whole run ---------------------------------------------------------------------
 
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict:
         t0 = time.perf_counter()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log(f"run {self.run_dir}")
