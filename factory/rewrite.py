@@ -21,7 +21,9 @@ of K traces, not from the votes that labelled it. The votes are kept on the row
 them.
 
 A rewrite is validated like an ingested row (empty, too long: `rewrite_<reason>`), must differ
-from its parent (`rewrite_unchanged`), and inherits its parent's split, source, domain and
+from its parent (`rewrite_unchanged`), is dropped when its check could not run
+(`check_prompt_too_long`, `check_request_failed` with a server backend; `request_failed`
+when the rewriter's own request failed), and inherits its parent's split, source, domain and
 level: a rewrite of a held-out problem is held out.
 """
 
@@ -218,22 +220,28 @@ def rewrite_table(problems: pa.Table, cfg: RewriteConfig, rewriter: Engine, teac
     check_rollout = replace(rollout, num_traces=cfg.check_samples, seed=request_seed(cfg.seed, "rewrite-check"))
     if check_rollout.seed == rollout.seed:  # would reproduce the rollout stage's traces exactly
         raise ValueError("rewrite.seed gives the check the rollout stage's seed; pick another rewrite.seed")
-    traces, too_long, _ = rollout_table(schema.table(candidates, problems.schema), check_rollout, teacher) \
+    traces, check_rejected, _ = rollout_table(schema.table(candidates, problems.schema), check_rollout, teacher) \
         if candidates else (None, schema.table([], schema.REJECTED), {})
-    for r in too_long.to_pylist():
-        cand = next(c for c in candidates if c["problem_id"] == r["problem_id"])
-        reject(cand, "rewrite_prompt_too_long", r["detail"])
+    unchecked: dict[str, tuple[str, str]] = {}  # a prompt too long, or a server request that failed
+    for r in check_rejected.to_pylist():
+        unchecked.setdefault(r["problem_id"], (f"check_{r['drop_reason']}", r["detail"]))
     by_id: dict[str, list[str | None]] = {}
     for t in traces.to_pylist() if traces is not None else []:
         extracted, _ = answers.extract_answer(t["text"], grade.answer_patterns)
         by_id.setdefault(t["problem_id"], []).append(extracted)
-    checked = [c for c in candidates if c["problem_id"] in by_id]
+    checked = []
+    for c in candidates:
+        if c["problem_id"] in unchecked:
+            reject(c, *unchecked[c["problem_id"]])
+        else:
+            checked.append(c)
     # 3. vote; a paraphrase's majority is compared with its parent's reference by the grader
     same = equivalences([(by_id[c["problem_id"]], c["domain"], c["choices"]) for c in checked], grade, pool)
     ranked = {c["problem_id"]: vote(by_id[c["problem_id"]], same) for c in checked}
-    ref_jobs = [(c, ranked[c["problem_id"]][0][0]) for c in checked if c["origin"] == "paraphrase" and ranked[c["problem_id"]]]
-    ref_ok = {c["problem_id"]: isinstance(r, tuple) and r[0] == "correct" for (c, _), r in zip(ref_jobs, pool.map(
-        [GradeJob(f"\\boxed{{{a}}}", c["answer"], c["domain"], c["choices"], grade) for c, a in ref_jobs]))}
+    paraphrases = [c for c in checked if c["origin"] == "paraphrase" and ranked[c["problem_id"]]]
+    jobs = [GradeJob(f"\\boxed{{{ranked[c['problem_id']][0][0]}}}", c["answer"], c["domain"], c["choices"], grade)
+            for c in paraphrases]
+    ref_ok = {c["problem_id"]: isinstance(r, tuple) and r[0] == "correct" for c, r in zip(paraphrases, pool.map(jobs))}
     accepted = []
     for c in checked:
         votes = by_id[c["problem_id"]]

@@ -142,7 +142,8 @@ def test_rewrite_dedup_decontam_in_a_recipe(tmp_path, engine, rewriter, teacher_
             else:
                 assert unique and votes / recipe.rewrite.check_samples < recipe.rewrite.min_agreement
         else:
-            assert reason in ("rewrite_unchanged", "rewrite_empty_question", "rewrite_question_too_long")
+            assert reason in ("rewrite_unchanged", "rewrite_empty_question", "rewrite_question_too_long",
+                              "check_prompt_too_long")
     counts = manifest["stages"]["rewrite"]["rewrites"]
     for mode in ("paraphrase", "variant"):
         assert counts[f"{mode}_asked"] == 24 * recipe.rewrite.per_problem
