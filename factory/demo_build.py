@@ -159,7 +159,7 @@ def main() -> None:
     from factory.engine import EngineConfig, VLLMEngine
     from prm.cli import PRMRecipe, run_command
     from prm.evaluate import PRMEvalConfig, evaluate_prm
-    from prm.scorer import PRMConfig, PRMScorer
+    from prm.scorer import PRMScorer
     from prm.train import read_labels
 
     held = [json.loads(l) for l in held_path.read_text().splitlines()]

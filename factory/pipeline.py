@@ -18,7 +18,6 @@ its config and the shard table and returns (out, rejected, stats).
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import shutil
 import time
 from dataclasses import dataclass, field

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 
 from factory import schema
 from factory.grade import GradeConfig, grade_table, make_pool

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -13,7 +12,6 @@ from pathlib import Path
 
 import datasets
 import pyarrow.parquet as pq
-import pytest
 import yaml
 
 from factory import pipeline

@@ -4,7 +4,6 @@ tiny rewriter model (vLLM) and the tiny teacher checking its rewrites."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
