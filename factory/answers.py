@@ -89,3 +89,8 @@ def format_ok(text: str) -> bool:
     """R1 format: the text opens with <think>, closes it after some reasoning, then answers."""
     s = split_think(text)
     return bool(text.lstrip().startswith(THINK_OPEN) and s.think_closed and s.reasoning and s.answer_text)
+
+
+def vote_key(answer: str) -> str:
+    """An extracted answer as a majority vote counts it: case and whitespace ignored."""
+    return re.sub(r"\s+", "", answer).lower()

@@ -28,7 +28,7 @@ from typing import Callable
 import pyarrow.parquet as pq
 
 from factory import config as config_mod
-from factory import store
+from factory import answers, store
 from factory.engine import Engine, EngineConfig
 from factory.grade import GradeConfig
 from factory.ingest import IngestConfig
@@ -75,7 +75,7 @@ def _vote_key(row: dict) -> str | None:
     if row["verdict"] == "correct":
         return "\x00correct"  # all correct answers equal the reference, hence each other
     ans = row["extracted_answer"]
-    return None if ans is None else re.sub(r"\s+", "", ans).lower()
+    return None if ans is None else answers.vote_key(ans)
 
 
 def maj_at_k(samples: list[dict], k: int) -> float:

@@ -147,15 +147,22 @@ class Runner:
                 self.log(f"ingest: rejected {m}")
             if len(messages) > 20:
                 self.log(f"ingest: ... and {len(messages) - 20} more rejected rows (see rejected/)")
-            size = max(1, cfg.problems_per_shard)
-            n_shards = max(1, -(-problems.num_rows // size))
-            for i in range(n_shards):
-                part = problems.slice(i * size, size)
-                rej = rejected if i == 0 else rejected.slice(0, 0)
-                sd.write_shard(i, part, rej, {"rows_in": part.num_rows + rej.num_rows, "rows_out": part.num_rows,
-                                              "dropped": store.count_reasons(rej), "seconds": 0.0})
-            sd.finish(n_shards, {"seconds": time.perf_counter() - t0})
+            self.write_problem_shards(sd, problems, rejected, {}, problems.num_rows + rejected.num_rows, t0)
         return sd
+
+    def write_problem_shards(self, sd: store.StageDir, out: pa.Table, rejected: pa.Table, stats: dict,
+                             rows_in: int, t0: float) -> None:
+        """A global stage's output cut into ingest.problems_per_shard shards; the stage's counts
+        (rows in, drops, its own stats) go on shard 0, so the manifest's sums are the stage's."""
+        size = max(1, self.recipe.ingest.problems_per_shard)
+        n_shards = max(1, -(-out.num_rows // size))
+        for i in range(n_shards):
+            first, part = i == 0, out.slice(i * size, size)
+            sd.write_shard(i, part, rejected if first else rejected.slice(0, 0), {
+                **(stats if first else {}), "rows_in": rows_in if first else 0, "rows_out": part.num_rows,
+                "dropped": store.count_reasons(rejected) if first else {},
+                "seconds": time.perf_counter() - t0 if first else 0.0})
+        sd.finish(n_shards, {})
 
     def run_whole(self, name: str, upstream: store.StageDir, cfg, fn: Callable[[pa.Table], tuple],
                   extra_fp=()) -> store.StageDir:
@@ -167,15 +174,7 @@ class Runner:
         t0 = time.perf_counter()
         table = upstream.read()
         out, rejected, stats = fn(table)
-        size = max(1, self.recipe.ingest.problems_per_shard)
-        n_shards = max(1, -(-out.num_rows // size))
-        for i in range(n_shards):  # the whole stage's counts go on shard 0
-            first = i == 0
-            sd.write_shard(i, out.slice(i * size, size), rejected if first else rejected.slice(0, 0), {
-                **(stats if first else {}), "rows_in": table.num_rows if first else 0,
-                "rows_out": out.slice(i * size, size).num_rows, "dropped": store.count_reasons(rejected) if first else {},
-                "seconds": time.perf_counter() - t0 if first else 0.0})
-        sd.finish(n_shards, {})
+        self.write_problem_shards(sd, out, rejected, stats, table.num_rows, t0)
         return sd
 
     def run_rewrite(self, upstream: store.StageDir) -> store.StageDir:

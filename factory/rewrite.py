@@ -101,10 +101,6 @@ def parse_rewrite(text: str) -> str:
     return body
 
 
-def _norm(answer: str) -> str:
-    return re.sub(r"\s+", "", answer).lower()
-
-
 def vote(extracted: list[str | None], same: dict[tuple[str, str], bool]) -> list[tuple[str, int]]:
     """Cluster equivalent answers; returns (representative, votes) sorted by votes, first-seen
     first on ties. `same[(a, b)]` says whether normalized answers a and b are equivalent
@@ -113,7 +109,7 @@ def vote(extracted: list[str | None], same: dict[tuple[str, str], bool]) -> list
     for a in extracted:
         if a is None:
             continue
-        n = _norm(a)
+        n = answers.vote_key(a)
         for c in clusters:
             if n == c[1] or same.get((n, c[1])) or same.get((c[1], n)):
                 c[2] += 1
@@ -133,7 +129,7 @@ def equivalences(groups: list[tuple[list[str | None], str, list[str] | None]], g
         distinct = {}
         for a in extracted:
             if a is not None:
-                distinct.setdefault(_norm(a), a)
+                distinct.setdefault(answers.vote_key(a), a)
         items = list(distinct.items())
         for i in range(len(items)):
             for j in range(i + 1, len(items)):
