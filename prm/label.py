@@ -3,7 +3,7 @@
 In:  a finished `factory run` (its graded traces) and the rollout engine.
 Out: LABEL.output/labels.parquet, one row per trace (schema LABELS): its steps, and per step
      the share of N sampled continuations from that step's prefix that reach the reference
-     answer (soft label) and whether any does (hard label); `first_error` is the index of the
+     answer (soft label), whether any does (hard label) and how many were sampled; `first_error` is the index of the
      first step with hard label 0, or -1 (ProcessBench's form). `split` puts a share of the
      problems aside (by a hash of problem_id) for evaluating the PRM trained on the rest.
 
@@ -37,7 +37,7 @@ LABELS = pa.schema([
     ("problem_id", pa.string()), ("trace_id", pa.string()), ("question", pa.string()), ("answer", pa.string()),
     ("domain", pa.string()), ("level", pa.int32()), ("split", pa.string()), ("verdict", pa.string()),
     ("steps", pa.list_(pa.string())), ("step_soft", pa.list_(pa.float64())), ("step_hard", pa.list_(pa.int32())),
-    ("propagated", pa.list_(pa.bool_())), ("first_error", pa.int32()), ("status", pa.string()),
+    ("propagated", pa.list_(pa.bool_())), ("step_samples", pa.list_(pa.int32())), ("first_error", pa.int32()), ("status", pa.string()),
     ("label_source", pa.string()),
 ])
 
@@ -50,6 +50,10 @@ class LabelConfig:
     """Directory for labels.parquet."""
     num_completions: int = 8
     """N: continuations sampled from each step prefix."""
+    max_completions: int | None = None
+    """When all N continuations of a prefix miss the answer, sample N more at a time up to this
+    many before calling the step wrong (None: N only). A weak completer makes false "wrong" labels
+    on long problems; this spends the extra samples only on those prefixes."""
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 1024
@@ -83,6 +87,38 @@ def prefix_prompt(prompt: str, steps: list[str]) -> str:
     return head.rstrip("\n") + "\n" + "\n\n".join(steps)
 
 
+def sample_prefixes(fits: dict[str, list[dict]], k: int, cfg: LabelConfig, grade: GradeConfig, engine: Engine,
+                    pool) -> dict[str, tuple[int, int]]:
+    """(continuations that reached the answer, continuations sampled) for each prefix prompt.
+    Rounds of N continuations; a prefix gets another round while it has none right and
+    `max_completions` allows (its seeds differ by round)."""
+    counts = {p: (0, 0) for p in fits}
+    budget = max(cfg.num_completions, cfg.max_completions or 0)
+    todo, rnd = list(fits), 0
+    while todo:
+        sampling = []
+        for p in todo:
+            n = min(cfg.num_completions, budget - counts[p][1])
+            key = f"{fits[p][0]['row']['trace_id']}:{k}" + (f":{rnd}" if rnd else "")
+            sampling.append(Sampling(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                                     seed=request_seed(cfg.seed, key)))
+        outs = engine.generate(todo, sampling)
+        jobs, owners, got = [], [], {}
+        for p, completions in zip(todo, outs):
+            it = fits[p][0]
+            r, head = it["row"], answers.THINK_OPEN + "\n" + "\n\n".join(it["steps"][: k + 1])
+            for c in completions:
+                jobs.append(GradeJob(head + c.text, r["answer"], r["domain"], r["choices"], grade))
+                owners.append(p)
+            counts[p], got[p] = (counts[p][0], counts[p][1] + len(completions)), len(completions)
+        for p, res in zip(owners, pool.map(jobs)):
+            ok = not isinstance(res, (TimedOut, Failed)) and res[0] == "correct"
+            counts[p] = (counts[p][0] + ok, counts[p][1])
+        todo = [p for p in todo if counts[p][0] == 0 and got[p] and counts[p][1] < budget]
+        rnd += 1
+    return counts
+
+
 def label_traces(graded: pa.Table, cfg: LabelConfig, split_cfg: SplitConfig, rollout: RolloutConfig,
                  grade: GradeConfig, engine: Engine, progress: bool = True) -> pa.Table:
     """Monte-Carlo labels for every selected trace (one output row per trace)."""
@@ -91,7 +127,7 @@ def label_traces(graded: pa.Table, cfg: LabelConfig, split_cfg: SplitConfig, rol
     items = []
     for r in rows:
         steps, status = split_steps(r["reasoning"], split_cfg)
-        items.append({"row": r, "steps": steps, "status": status, "soft": [], "hard": [], "prop": [],
+        items.append({"row": r, "steps": steps, "status": status, "soft": [], "hard": [], "prop": [], "samples": [],
                       "prompt": render_prompt(r["question"], rollout, engine) if status == OK else None})
     pool = make_pool(grade)
     try:
@@ -100,34 +136,22 @@ def label_traces(graded: pa.Table, cfg: LabelConfig, split_cfg: SplitConfig, rol
             # one engine call per step index: every live trace's k-th prefix
             live = [it for it in items if it["status"] == OK and k < len(it["steps"])
                     and not (cfg.propagate_errors and 0 in it["hard"])]
+            fits: dict[str, list[dict]] = {}  # prefix prompt -> the live traces that share it
             prompts = [prefix_prompt(it["prompt"], it["steps"][: k + 1]) for it in live]
             lengths = engine.tokenize(prompts) if prompts else []
-            fits = []
             for it, p, ids in zip(live, prompts, lengths):
                 if len(ids) >= engine.max_model_len:
                     it["status"] = "prefix_too_long"
                 else:
-                    fits.append((it, p))
-            sampling = [Sampling(n=cfg.num_completions, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 max_tokens=cfg.max_tokens,
-                                 seed=request_seed(cfg.seed, f"{it['row']['trace_id']}:{k}")) for it, _ in fits]
-            outs = engine.generate([p for _, p in fits], sampling) if fits else []
-            jobs, owners = [], []
-            for (it, _), completions in zip(fits, outs):
-                head = answers.THINK_OPEN + "\n" + "\n\n".join(it["steps"][: k + 1])
-                for c in completions:
-                    r = it["row"]
-                    jobs.append(GradeJob(head + c.text, r["answer"], r["domain"], r["choices"], grade))
-                    owners.append(it)
-            correct: dict[int, int] = {}
-            for it, res in zip(owners, pool.map(jobs)):
-                ok = not isinstance(res, (TimedOut, Failed)) and res[0] == "correct"
-                correct[id(it)] = correct.get(id(it), 0) + ok
-            for it, _ in fits:
-                c = correct.get(id(it), 0)
-                it["soft"].append(c / cfg.num_completions)
-                it["hard"].append(int(c > 0))
-                it["prop"].append(False)
+                    fits.setdefault(p, []).append(it)
+            counts = sample_prefixes(fits, k, cfg, grade, engine, pool)
+            for p, group in fits.items():
+                c, n = counts[p]
+                for it in group:
+                    it["soft"].append(c / n if n else 0.0)
+                    it["hard"].append(int(c > 0))
+                    it["prop"].append(False)
+                    it["samples"].append(n)
     finally:
         pool.close()
     out = []
@@ -138,11 +162,12 @@ def label_traces(graded: pa.Table, cfg: LabelConfig, split_cfg: SplitConfig, rol
             it["soft"] += [0.0] * n
             it["hard"] += [0] * n
             it["prop"] += [True] * n
+            it["samples"] += [0] * n
         out.append({
             "problem_id": r["problem_id"], "trace_id": r["trace_id"], "question": r["question"],
             "answer": r["answer"], "domain": r["domain"], "level": r.get("level"),
             "split": split_of(r["problem_id"], cfg.heldout_fraction), "verdict": r["verdict"],
             "steps": it["steps"], "step_soft": it["soft"] if ok else None, "step_hard": it["hard"] if ok else None,
-            "propagated": it["prop"] if ok else None, "first_error": first_error(it["hard"]) if ok else None,
+            "propagated": it["prop"] if ok else None, "step_samples": it["samples"] if ok else None, "first_error": first_error(it["hard"]) if ok else None,
             "status": it["status"], "label_source": "monte_carlo"})
     return pa.Table.from_pylist(out, schema=LABELS)

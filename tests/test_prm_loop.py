@@ -34,7 +34,7 @@ def loop(tmp_path_factory, full_run, engine, teacher_dir):
     out = tmp_path_factory.mktemp("prm_loop")
     recipe = prm_cli.load_recipe(ROOT / "recipes" / "toy_addition_prm.yaml", [
         f"engine.model={teacher_dir}", f"label.run_dir={full_run[0]}", f"label.output={out / 'labels'}",
-        "label.num_completions=4", f"train.base_model={teacher_dir}", f"train.output_dir={out / 'prm'}",
+        "label.num_completions=4", "label.max_completions=8", f"train.base_model={teacher_dir}", f"train.output_dir={out / 'prm'}",
         f"prm.model={out / 'prm'}", "run.progress=false"])
     label_report = prm_cli.run_command("label", recipe, engine=engine, log=lambda m: None)
     train_report = prm_cli.run_command("train", recipe, log=lambda m: None)
@@ -50,11 +50,25 @@ def test_monte_carlo_labels(loop, full_run):
     assert len(ok) > 0.9 * len(labels)
     for r in ok:
         assert len(r["step_soft"]) == len(r["step_hard"]) == len(r["steps"]) == len(r["propagated"])
-        assert all(s in (0, 0.25, 0.5, 0.75, 1.0) for s in r["step_soft"])  # 4 continuations each
+        for soft, hard, n, prop in zip(r["step_soft"], r["step_hard"], r["step_samples"], r["propagated"]):
+            # 4 continuations; 4 more only when the first 4 all missed; a wrong step has used all 8
+            assert (n, prop) in ((4, False), (8, False), (0, True)), (n, prop)
+            assert n == 0 or round(soft * n) == soft * n
+            assert hard == 1 or n in (0, 8)
+            assert n != 8 or soft <= 0.5
         assert r["step_hard"] == [int(s > 0) for s in r["step_soft"]] and r["first_error"] == first_error(r["step_hard"])
     # the labels mean something: a step that wrote the wrong sum rarely leads to the right answer
     rate = lambda v: sum(r["step_hard"][0] for r in ok if r["verdict"] == v) / sum(r["verdict"] == v for r in ok)
     assert rate("correct") > rate("wrong") + 0.3, (rate("correct"), rate("wrong"))
+    # the second round ran and rescued some steps the first 4 continuations called wrong
+    assert any(n == 8 and h == 1 for r in ok for n, h in zip(r["step_samples"], r["step_hard"]))
+    # a step prefix shared by traces of one problem is sampled once: same label for all of them
+    shared = {}
+    for r in ok:
+        for k, (soft, n, prop) in enumerate(zip(r["step_soft"], r["step_samples"], r["propagated"])):
+            if not prop:
+                shared.setdefault((r["problem_id"], tuple(r["steps"][: k + 1])), []).append((soft, n))
+    assert any(len(v) > 1 for v in shared.values()) and all(len(set(v)) == 1 for v in shared.values())
     # held-out problems are held out whole
     test = {r["problem_id"] for r in ok if r["split"] == "test"}
     train = {r["problem_id"] for r in ok if r["split"] == "train"}
