@@ -148,6 +148,20 @@ def write_sets(out_dir: str | Path, n_train: int = 600, n_heldout: int = 300, se
     return paths
 
 
+def add_training_problems(train_path: str | Path, heldout_path: str | Path, n: int, seed: int) -> Path:
+    """Append `n` more problems (drawn with `seed`) to train.jsonl, none sharing a question with
+    either set; the file stays sorted by (level, problem_id)."""
+    train_path = Path(train_path)
+    sets = [[json.loads(l) for l in Path(f).read_text().splitlines()] for f in (train_path, heldout_path)]
+    taken = {r["question"] for rows in sets for r in rows}
+    extra = [p for p in make_problems(2 * n, seed) if p["question"] not in taken][:n]
+    if len(extra) < n:
+        raise ValueError(f"only {len(extra)} new questions among {2 * n} drawn with seed {seed}; asked for {n}")
+    rows = sorted(sets[0] + extra, key=lambda r: (r["level"], r["problem_id"]))
+    train_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return train_path
+
+
 if __name__ == "__main__":
     import sys
 

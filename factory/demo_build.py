@@ -1,12 +1,15 @@
 """Build the demo's problem sets and tiny models from scratch, deterministically (run once).
 
-    python -m factory.demo_build data/demo [--teacher-steps 700] [--student-steps 120]
+    python -m factory.demo_build data/demo [--teacher-steps 700] [--student-steps 600]
 
 Writes into OUT:
-    problems/train.jsonl, problems/heldout.jsonl   the arithmetic domain (factory.arith)
+    problems/train.jsonl, problems/heldout.jsonl   the arithmetic domain (factory.arith): 600 + 2400
+                training problems, 300 held out
     teacher/    a Qwen2 (hidden 192, 3 layers) trained with `factory train sft` on gold traces
                 until it is good on short chains and often wrong on long ones
-    student/    the same architecture trained briefly: it knows the format, not the arithmetic
+    student/    the same architecture trained on gold traces of two of the four phrasings only
+                (plain and expression): it knows the format and the arithmetic, but word problems
+                put as a story or tersely are new to it, which the teacher's traces can teach
     prm/        a classification PRM fine-tuned from the teacher on Monte-Carlo step labels of
                 the teacher's own traces on other generated problems (`factory prm label` / `train`),
                 measured against the domain's ground-truth step labels on held-out traces
@@ -89,6 +92,9 @@ def accuracy_by_level(run: Path) -> dict[str, float]:
     for lv in sorted({r["level"] for r in graded}):
         rows = [r for r in graded if r["level"] == lv]
         out[f"level {lv}"] = sum(r["verdict"] == "correct" for r in rows) / len(rows)
+    for style in sorted({r["source"].split("/", 1)[1] for r in graded}):
+        rows = [r for r in graded if r["source"].split("/", 1)[1] == style]
+        out[style] = sum(r["verdict"] == "correct" for r in rows) / len(rows)
     out["overall"] = sum(r["verdict"] == "correct" for r in graded) / len(graded)
     return out
 
@@ -135,7 +141,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--teacher-steps", type=int, default=700)
-    ap.add_argument("--student-steps", type=int, default=120)
+    ap.add_argument("--student-steps", type=int, default=600)
+    ap.add_argument("--student-styles", default="plain,expression",
+                    help="the phrasings the student's gold traces are drawn from (factory.arith styles)")
+    ap.add_argument("--extra-problems", type=int, default=2400,
+                    help="training problems added to the first 600 (the demo rolls out all of them)")
     ap.add_argument("--prm-problems", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -144,8 +154,12 @@ def main() -> None:
     taken = {json.loads(l)["question"] for p in (train_path, held_path) for l in p.read_text().splitlines()}
     corpus = [p for p in arith.make_problems(40000, seed=args.seed + 100) if p["question"] not in taken]
     prm_problems, corpus = corpus[: args.prm_problems], corpus[args.prm_problems:]
+    arith.add_training_problems(train_path, held_path, args.extra_problems, seed=args.seed + 7)
+    styles = args.student_styles.split(",")
+    student_corpus = [p for p in corpus if p["source"].split("/", 1)[1] in styles]
     work = out / "_build"
-    run = gold_run(work / "gold_run", corpus)
+    runs = {"teacher": gold_run(work / "gold_run", corpus),
+            "student": gold_run(work / f"gold_run_{'_'.join(styles)}", student_corpus)}
     texts = [tiny.chat_prompt([{"role": "user", "content": p["question"]}]) +
              arith.gold_trace(p["chain"]["start"], [tuple(o) for o in p["chain"]["ops"]]) for p in corpus[:5000]]
     init = work / "init"
@@ -153,7 +167,7 @@ def main() -> None:
         fresh_model(init, texts, args.seed)
     for name, steps in (("teacher", args.teacher_steps), ("student", args.student_steps)):
         if not (work / name / "factory_train.json").exists():
-            report = sft_from_gold(init, run, work / name, steps, batch=96, lr=3e-3, seed=args.seed)
+            report = sft_from_gold(init, runs[name], work / name, steps, batch=96, lr=3e-3, seed=args.seed)
             print(f"{name}: {steps} steps, loss {report['metrics']['train_loss']:.3f}, {report['seconds']} s")
 
     from factory.engine import EngineConfig, VLLMEngine
@@ -177,28 +191,36 @@ def main() -> None:
     r.prm.system_prompt, r.prm.model, r.prm.batch_size = None, str(work / "prm"), 64
     r.train.base_model, r.train.output_dir, r.train.learning_rate = str(work / "teacher"), str(work / "prm"), 1e-3
     r.train.epochs, r.train.batch_size = 4, 32
+    r.label.num_completions, r.label.max_completions = 8, 32
     label_report = run_command("label", r, engine=engine)
     engine.close()
+    mc = {x["trace_id"]: x["first_error"] for x in read_labels(str(work / "labels" / "labels.parquet"), None)}
+    truth = read_labels(str(ground_truth_labels(prm_run, prm_problems, work / "prm_gold_labels.parquet")), None)
+    agree = sum(mc.get(x["trace_id"]) == x["first_error"] for x in truth) / len(truth)
+    print(f"Monte-Carlo first error = ground truth on {100 * agree:.1f}% of the PRM's training traces")
     run_command("train", r)
     gold = ground_truth_labels(work / "heldout_teacher", held, work / "heldout_gold_labels.parquet")
     prm_eval = evaluate_prm(read_labels(str(gold), None), PRMScorer(r.prm), PRMEvalConfig())
     print(f"PRM vs ground truth on held-out teacher traces: {json.dumps(prm_eval)}")
     cfg = json.loads((work / "teacher" / "config.json").read_text())
     arch = f"Qwen2, hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']} heads"
+    trained_on = {"teacher": f"{len(corpus)} generated problems in all four phrasings",
+                  "student": f"{len(student_corpus)} generated problems phrased {' or '.join(styles)} only"}
     for name, steps in (("teacher", args.teacher_steps), ("student", args.student_steps)):
         dst = keep(work / name, out / name)
         card(dst, f"demo {name}", [
             f"{arch}, byte-level BPE tokenizer with single-digit tokens, trained from scratch",
-            f"`factory train sft` on gold traces of {len(corpus)} generated problems (disjoint from "
-            f"problems/), {steps} steps of 96, lr 3e-3 cosine, seed {args.seed}",
+            f"`factory train sft` on gold traces of {trained_on[name]} (none of them a held-out question "
+            f"or one of the first 600 training questions), {steps} steps of 96, lr 3e-3 cosine, seed {args.seed}",
             "held-out accuracy, 8 samples at temperature 1: "
             + ", ".join(f"{k} {100 * v:.1f}%" for k, v in acc[name].items()),
             "rebuild: python -m factory.demo_build data/demo"])
     dst = keep(work / "prm", out / "prm")
     card(dst, "demo PRM", [
         "Qwen2ForTokenClassification (2 labels) fine-tuned from the teacher, `<extra_0>` after each step",
-        f"labels: `factory prm label` (8 teacher continuations per step prefix) on the teacher's 8 traces of "
-        f"{len(prm_problems)} generated problems: {json.dumps(label_report)}",
+        f"labels: `factory prm label` (8 teacher continuations per step prefix, up to 32 when the first 8 all "
+        f"miss) on the teacher's 8 traces of {len(prm_problems)} generated problems: {json.dumps(label_report)}; "
+        f"their first wrong step equals the ground truth's on {100 * agree:.1f}% of the traces",
         f"ProcessBench-style F1 against the domain's ground-truth step labels on the teacher's traces of the "
         f"{len(held)} held-out problems: {prm_eval['f1']:.3f} (accuracy {prm_eval['acc_erroneous']:.3f} on "
         f"{prm_eval['erroneous']} erroneous, {prm_eval['acc_correct']:.3f} on {prm_eval['correct']} correct)",
