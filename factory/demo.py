@@ -87,6 +87,16 @@ def prm_vs_ground_truth(run: Path, cfg: DemoConfig, split: SplitConfig) -> dict:
     return processbench(labels, preds)
 
 
+def pass_by_phrasing(eval_run: Path) -> dict[str, float]:
+    """pass@1 (share of correct traces) per phrasing (the problem's `source`, arith/<style>)."""
+    graded = store.StageDir(eval_run, "grade").read().to_pylist()
+    out = {}
+    for src in sorted({r["source"] for r in graded}):
+        rows = [r for r in graded if r["source"] == src]
+        out[src.split("/", 1)[-1]] = sum(r["verdict"] == "correct" for r in rows) / len(rows)
+    return out
+
+
 def _svg_bars(title: str, labels: list[str], series: dict[str, list[float]], pct: bool = True) -> str:
     """A grouped bar chart as inline SVG (no plotting library needed)."""
     colors = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2"]
@@ -111,7 +121,8 @@ def _svg_bars(title: str, labels: list[str], series: dict[str, list[float]], pct
     return "\n".join(parts + ["</svg>"])
 
 
-def report(run: Path, results: dict[str, dict], prm: dict, seconds: float) -> tuple[str, str]:
+def report(run: Path, results: dict[str, dict], phrasing: dict[str, dict], prm: dict,
+           seconds: float) -> tuple[str, str]:
     """The printed report and its HTML version."""
     from factory.cli import histogram, summary
 
@@ -144,12 +155,18 @@ def report(run: Path, results: dict[str, dict], prm: dict, seconds: float) -> tu
     for name in names:
         lines.append(f"{name:<22}" + "".join(f"{100 * results[name]['groups'].get(g, {}).get('pass@1', 0):>9.1f}%"
                                              for g in groups))
+    styles = sorted({s for r in phrasing.values() for s in r})
+    lines += ["", f"{'pass@1 by phrasing':<22}" + "".join(f"{s:>12}" for s in styles)]
+    for name in names:
+        lines.append(f"{name:<22}" + "".join(f"{100 * phrasing[name].get(s, 0):>11.1f}%" for s in styles))
     text = "\n".join(lines)
     html = ["<html><head><meta charset='utf-8'><title>factory demo</title></head><body>",
             "<h2>factory demo</h2><pre>", text, "</pre>",
             _svg_bars("teacher pass@1 by level", [f"L{lv}" for lv in levels], {"teacher": teacher}),
             _svg_bars("student pass@1 on held-out, by level", groups,
                       {n: [r["groups"].get(g, {}).get("pass@1", 0) for g in groups] for n, r in results.items()}),
+            _svg_bars("student pass@1 on held-out, by phrasing", styles,
+                      {n: [phrasing[n].get(s, 0) for s in styles] for n in names}),
             _svg_bars("PRM mean step score, all traces", [f"{i / 10:.1f}" for i in range(10)],
                       {"traces": bins}, pct=False),
             "</body></html>"]
@@ -186,21 +203,23 @@ def run_demo(recipe: DemoRecipe, log=print) -> dict:
     if not (dpo_out / "factory_train.json").exists():
         train_mod.train("dpo", d, log=log)
     trained["student-dpo"] = str(dpo_out)
-    results = {}
+    results, phrasing = {}, {}
     for name, model in [("student-base", student)] + list(trained.items()):
         e = config_mod.from_dict(evaluate.EvalRecipe, config_mod.to_dict(recipe.eval))
         e.engine.model, e.run.output_dir = model, str(run / "eval" / name)
         done = Path(e.run.output_dir) / "eval.json"
         results[name] = json.loads(done.read_text()) if done.exists() else evaluate.evaluate(e, log=log)
+        phrasing[name] = pass_by_phrasing(Path(e.run.output_dir))
     prm = prm_vs_ground_truth(run, recipe.demo, recipe.pipeline.score.split) if recipe.pipeline.score else \
         {"f1": float("nan"), "acc_erroneous": float("nan"), "acc_correct": float("nan"), "erroneous": 0, "correct": 0}
     seconds = time.perf_counter() - t0
-    text, html = report(run, results, prm, seconds)
+    text, html = report(run, results, phrasing, prm, seconds)
     (run / "report").mkdir(parents=True, exist_ok=True)
     (run / "report" / "report.txt").write_text(text + "\n")
     (run / "report" / "report.html").write_text(html)
     summary = {"manifest": manifest["stages"], "eval": {n: r["overall"] for n, r in results.items()},
-               "eval_groups": {n: r["groups"] for n, r in results.items()}, "prm_vs_ground_truth": prm,
+               "eval_groups": {n: r["groups"] for n, r in results.items()}, "eval_phrasings": phrasing,
+               "prm_vs_ground_truth": prm,
                "seconds": round(seconds, 1)}
     store.write_json(summary, run / "report" / "report.json")
     log("\n" + text + f"\n\nreport: {run / 'report' / 'report.html'}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from factory import demo
+from factory import demo, store
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
@@ -38,9 +38,17 @@ def test_cut_down_demo(tmp_path):
     assert 0.0 <= summary["prm_vs_ground_truth"]["f1"] <= 1.0 and summary["prm_vs_ground_truth"]["correct"] > 0
     text = (run / "report" / "report.txt").read_text()
     for needle in ("pass rate over traces", "teacher pass@1 by level", "PRM mean step score",
-                   "ProcessBench F1", "student-sft-unfiltered", "prm_below_threshold"):
+                   "ProcessBench F1", "student-sft-unfiltered", "verdict_wrong", "pass@1 by phrasing"):
         assert needle in text, needle
     html = (run / "report" / "report.html").read_text()
-    assert html.count("<svg") == 3
+    assert html.count("<svg") == 4
+    # each student's pass@1 per phrasing is the share of its correct held-out traces in that phrasing
+    for name, by_style in summary["eval_phrasings"].items():
+        graded = store.StageDir(run / "eval" / name, "grade").read().to_pylist()
+        styles = {r["source"].split("/")[1] for r in graded}
+        assert set(by_style) == styles and len(styles) > 1
+        for style, value in by_style.items():
+            rows = [r for r in graded if r["source"] == f"arith/{style}"]
+            assert value == sum(r["verdict"] == "correct" for r in rows) / len(rows)
     for name in ("student-sft", "student-sft-unfiltered", "student-dpo"):
         assert (run / name / "model.safetensors").exists() and (run / name / "order.jsonl").exists()
