@@ -2,7 +2,7 @@
 # make demo      the whole loop on the shipped tiny models (recipes/demo.yaml) into runs/demo
 # make toy       the small pipeline-only recipe on single-digit additions (runs/toy_addition)
 # make toy-rewrite  the toy recipe with rewrite, dedup and decontam (runs/toy_rewrite)
-# make demo-models  rebuild data/demo (problems, teacher, student, PRM) from scratch (~25 min)
+# make demo-models  rebuild data/demo (problems, teacher, student, PRM) from scratch (~40 min)
 # make test      the test suite (what CI runs)
 # make bench     rollout throughput vs raw vllm.LLM.generate
 # make bench-dedup  dedup of 100k questions (exact + MinHash LSH)
