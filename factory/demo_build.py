@@ -86,7 +86,8 @@ def pipeline_run(out: Path, problems: list[dict], engine, n_traces: int = 8):
     return out
 
 
-def accuracy_by_level(run: Path) -> dict[str, float]:
+def accuracy_by_group(run: Path) -> dict[str, float]:
+    """Share of correct traces per level, per phrasing and overall."""
     graded = store.StageDir(run, "grade").read().to_pylist()
     out = {}
     for lv in sorted({r["level"] for r in graded}):
@@ -180,7 +181,7 @@ def main() -> None:
     acc = {}
     for name in ("student", "teacher"):  # the teacher last: its engine labels the PRM data
         engine = VLLMEngine(EngineConfig(model=str(work / name), max_model_len=512, cpu_kv_cache_space_gb=1))
-        acc[name] = accuracy_by_level(pipeline_run(work / f"heldout_{name}", held, engine))
+        acc[name] = accuracy_by_group(pipeline_run(work / f"heldout_{name}", held, engine))
         print(f"{name} held-out accuracy (8 samples, temperature 1): {json.dumps(acc[name])}")
         if name == "student":
             engine.close()
