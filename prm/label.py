@@ -87,9 +87,10 @@ def prefix_prompt(prompt: str, steps: list[str]) -> str:
     return head.rstrip("\n") + "\n" + "\n\n".join(steps)
 
 
-def sample_prefixes(fits: dict[str, list[dict]], k: int, cfg: LabelConfig, grade: GradeConfig, engine: Engine,
-                    pool) -> dict[str, tuple[int, int]]:
-    """(continuations that reached the answer, continuations sampled) for each prefix prompt.
+def sample_prefixes(fits: dict[tuple, list[dict]], k: int, cfg: LabelConfig, grade: GradeConfig, engine: Engine,
+                    pool) -> dict[tuple, tuple[int, int]]:
+    """(continuations that reached the answer, continuations sampled) for each (prefix prompt,
+    reference answer) key of `fits`.
     Rounds of N continuations; a prefix gets another round while it has none right and
     `max_completions` allows (its seeds differ by round)."""
     counts = {p: (0, 0) for p in fits}
@@ -102,7 +103,7 @@ def sample_prefixes(fits: dict[str, list[dict]], k: int, cfg: LabelConfig, grade
             key = f"{fits[p][0]['row']['trace_id']}:{k}" + (f":{rnd}" if rnd else "")
             sampling.append(Sampling(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                                      seed=request_seed(cfg.seed, key)))
-        outs = engine.generate(todo, sampling)
+        outs = engine.generate([p for p, _ in todo], sampling)
         jobs, owners, got = [], [], {}
         for p, completions in zip(todo, outs):
             it = fits[p][0]
@@ -136,14 +137,14 @@ def label_traces(graded: pa.Table, cfg: LabelConfig, split_cfg: SplitConfig, rol
             # one engine call per step index: every live trace's k-th prefix
             live = [it for it in items if it["status"] == OK and k < len(it["steps"])
                     and not (cfg.propagate_errors and 0 in it["hard"])]
-            fits: dict[str, list[dict]] = {}  # prefix prompt -> the live traces that share it
+            fits: dict[tuple, list[dict]] = {}  # (prefix prompt, answer) -> the live traces sharing it
             prompts = [prefix_prompt(it["prompt"], it["steps"][: k + 1]) for it in live]
             lengths = engine.tokenize(prompts) if prompts else []
             for it, p, ids in zip(live, prompts, lengths):
                 if len(ids) >= engine.max_model_len:
                     it["status"] = "prefix_too_long"
                 else:
-                    fits.setdefault(p, []).append(it)
+                    fits.setdefault((p, it["row"]["answer"]), []).append(it)
             counts = sample_prefixes(fits, k, cfg, grade, engine, pool)
             for p, group in fits.items():
                 c, n = counts[p]
