@@ -84,6 +84,11 @@ def gold_trace(start: int, ops: list[tuple[str, int]]) -> str:
     return "<think>\n" + "\n\n".join(steps) + "\n</think>\n\\boxed{" + str(v) + "}"
 
 
+def phrasing(source: str) -> str:
+    """The phrasing (style) of a problem from its `source` ("arith/<style>")."""
+    return source.split("/", 1)[-1]
+
+
 def make_problem(rng: random.Random, level: int) -> dict:
     start, ops = make_chain(rng, level)
     style = rng.choice(["plain", "story", "terse", "expression"])

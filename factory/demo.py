@@ -87,14 +87,18 @@ def prm_vs_ground_truth(run: Path, cfg: DemoConfig, split: SplitConfig) -> dict:
     return processbench(labels, preds)
 
 
+def share_correct(graded: list[dict], key) -> dict:
+    """Share of correct traces per value of key(trace), in sorted key order."""
+    groups: dict = {}
+    for r in graded:
+        groups.setdefault(key(r), []).append(r["verdict"] == "correct")
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+
+
 def pass_by_phrasing(eval_run: Path) -> dict[str, float]:
-    """pass@1 (share of correct traces) per phrasing (the problem's `source`, arith/<style>)."""
+    """pass@1 (share of correct traces) per phrasing (arith.phrasing of the problem's source)."""
     graded = store.StageDir(eval_run, "grade").read().to_pylist()
-    out = {}
-    for src in sorted({r["source"] for r in graded}):
-        rows = [r for r in graded if r["source"] == src]
-        out[src.split("/", 1)[-1]] = sum(r["verdict"] == "correct" for r in rows) / len(rows)
-    return out
+    return share_correct(graded, lambda r: arith.phrasing(r["source"]))
 
 
 def _svg_bars(title: str, labels: list[str], series: dict[str, list[float]], pct: bool = True) -> str:

@@ -88,16 +88,12 @@ def pipeline_run(out: Path, problems: list[dict], engine, n_traces: int = 8):
 
 def accuracy_by_group(run: Path) -> dict[str, float]:
     """Share of correct traces per level, per phrasing and overall."""
+    from factory.demo import share_correct
+
     graded = store.StageDir(run, "grade").read().to_pylist()
-    out = {}
-    for lv in sorted({r["level"] for r in graded}):
-        rows = [r for r in graded if r["level"] == lv]
-        out[f"level {lv}"] = sum(r["verdict"] == "correct" for r in rows) / len(rows)
-    for style in sorted({r["source"].split("/", 1)[1] for r in graded}):
-        rows = [r for r in graded if r["source"].split("/", 1)[1] == style]
-        out[style] = sum(r["verdict"] == "correct" for r in rows) / len(rows)
-    out["overall"] = sum(r["verdict"] == "correct" for r in graded) / len(graded)
-    return out
+    return {**share_correct(graded, lambda r: f"level {r['level']}"),
+            **share_correct(graded, lambda r: arith.phrasing(r["source"])),
+            "overall": sum(r["verdict"] == "correct" for r in graded) / len(graded)}
 
 
 def ground_truth_labels(run: Path, problems: list[dict], path: Path) -> Path:
@@ -157,7 +153,7 @@ def main() -> None:
     prm_problems, corpus = corpus[: args.prm_problems], corpus[args.prm_problems:]
     arith.add_training_problems(train_path, held_path, args.extra_problems, seed=args.seed + 7)
     styles = args.student_styles.split(",")
-    student_corpus = [p for p in corpus if p["source"].split("/", 1)[1] in styles]
+    student_corpus = [p for p in corpus if arith.phrasing(p["source"]) in styles]
     work = out / "_build"
     runs = {"teacher": gold_run(work / "gold_run", corpus),
             "student": gold_run(work / f"gold_run_{'_'.join(styles)}", student_corpus)}
