@@ -9,6 +9,9 @@ Two families of public PRMs, which differ in where and how a step's score is rea
     lm              Math-Shepherd style: a causal LM reads "question step1 ки\\nstep2 ки";
                     a step's score is softmax over the logits of the `+` and `-` tokens
                     at its tag position, taking `+`.
+    likelihood      ours (prm.likelihood): a causal LM reads the trace in the policy's own
+                    format; a head fitted on step labels turns its surprise at each step's
+                    tokens into the step's score.
 
 Backends: transformers (batched with sequences sorted by length, softmax in float32), and for
 the classification family vLLM's pooling runner (`token_classify`, factory.engine). The
@@ -28,7 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-FAMILIES = ("classification", "lm")
+from prm import likelihood
+
+FAMILIES = ("classification", "lm", "likelihood")
 OK, TOO_LONG, SEPARATOR_MISMATCH = "ok", "too_long", "separator_mismatch"
 QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -93,11 +98,11 @@ class PRMScorer:
 
     def __init__(self, cfg: PRMConfig, model=None, tokenizer=None):
         if cfg.family not in FAMILIES:
-            raise ValueError(f"prm.family={cfg.family!r}; use classification or lm")
+            raise ValueError(f"prm.family={cfg.family!r}; use one of {', '.join(FAMILIES)}")
         if cfg.backend not in ("transformers", "vllm"):
             raise ValueError(f"prm.backend={cfg.backend!r}; use transformers or vllm")
         if cfg.backend == "vllm" and cfg.family != "classification":
-            raise ValueError("prm.backend=vllm reads classification-head PRMs; use transformers for family=lm")
+            raise ValueError(f"prm.backend=vllm reads classification-head PRMs; use transformers for family={cfg.family}")
         self.cfg = cfg
         self.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if tokenizer is None:
@@ -114,7 +119,9 @@ class PRMScorer:
         self.model = model if model is not None else self._load()
         if hasattr(self.model, "eval"):
             self.model.eval()
-        if cfg.family == "classification":
+        if cfg.family == "likelihood":
+            self.head = likelihood.Head.load(cfg.model)
+        elif cfg.family == "classification":
             self.tag_id = _single_token(tokenizer, cfg.step_separator, "step_separator")
         else:
             self.tag_id = _single_token(tokenizer, cfg.step_tag, "step_tag")
@@ -133,7 +140,7 @@ class PRMScorer:
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForTokenClassification
 
         kw = {"dtype": self.cfg.dtype, "trust_remote_code": self.cfg.trust_remote_code}
-        if self.cfg.family == "lm":
+        if self.cfg.family in ("lm", "likelihood"):
             return AutoModelForCausalLM.from_pretrained(self.cfg.model, **kw).to(self.device)
         arch = (AutoConfig.from_pretrained(self.cfg.model, trust_remote_code=self.cfg.trust_remote_code)
                 .architectures or [""])[0]
@@ -176,6 +183,11 @@ class PRMScorer:
 
     def score(self, items: list[tuple[str, list[str]]]) -> list[StepScores]:
         """Scores for each (question, steps); order of the results = order of `items`."""
+        if self.cfg.family == "likelihood":
+            feats = likelihood.trace_features(self.model, self.tokenizer, self.head.rendering, items,
+                                              self.cfg.batch_size, self.max_length, self.device)
+            return [StepScores(None, TOO_LONG, n) if f is None else StepScores(self.head.probabilities(f).tolist(), OK, n)
+                    for f, n in feats]
         encoded = [self.encode(q, steps) for q, steps in items]
         results: list[StepScores | None] = [None] * len(items)
         todo = []

@@ -12,19 +12,25 @@ token has label -100, so the loss is only at separator positions. The base is a 
 (e.g. the student or the teacher); its transformer is reused and a 2-label head is added.
 The separator is added to the tokenizer when it is not already one token.
 
+With prm.family=likelihood the base is read, not fine-tuned: the features of `prm.likelihood`
+are measured on every labelled step and a logistic head is fitted on them (learning_rate,
+epochs and batch_size are then unused; weight_decay is the head's L2 penalty). The output is
+the base LM, its tokenizer and likelihood_prm.json.
+
     factory prm train recipes/toy_addition_prm.yaml
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
 
 from factory import store
+from prm import likelihood
 from prm.scorer import PRMConfig, PRMScorer
 
 
@@ -48,6 +54,9 @@ class PRMTrainConfig:
     """Longer inputs are left out (counted in prm_train.json); None: the model's context."""
     extra: dict = field(default_factory=dict)
     """Other transformers TrainingArguments fields."""
+    rendering: likelihood.Rendering = field(default_factory=likelihood.Rendering)
+    """family=likelihood: how the LM reads a trace; the policy's format (its rollout's system
+    prompt and question_template), since the features are the LM's surprise at the policy's steps."""
 
 
 def step_labels(row: dict, cfg: PRMTrainConfig) -> list[int]:
@@ -99,11 +108,13 @@ def train_prm(cfg: PRMTrainConfig, prm: PRMConfig, log=print) -> dict:
     from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments
 
     t0 = time.perf_counter()
-    if prm.family != "classification":
-        raise ValueError("prm.train makes classification-head PRMs; set prm.family=classification")
+    if prm.family not in ("classification", "likelihood"):
+        raise ValueError(f"prm.train makes classification-head or likelihood PRMs, not family={prm.family!r}")
     rows = [r for r in pq.read_table(cfg.labels).to_pylist() if r["split"] == "train" and r["status"] == "ok"]
     if not rows:
         raise ValueError(f"{cfg.labels}: no labelled rows with split=train and status=ok")
+    if prm.family == "likelihood":
+        return train_likelihood_prm(cfg, prm, rows, t0, log)
     tok, model = load_base(cfg.base_model, prm.step_separator)
     scorer = PRMScorer(prm, model=model, tokenizer=tok)
     max_length = cfg.max_length or scorer.max_length
@@ -127,11 +138,47 @@ def train_prm(cfg: PRMTrainConfig, prm: PRMConfig, log=print) -> dict:
     out = Path(cfg.output_dir)
     trainer.save_model(str(out))
     tok.save_pretrained(out)
-    report = {"config": cfg.__dict__, "prm": prm.__dict__, "traces": len(data), "skipped": skipped,
+    report = {"config": asdict(cfg), "prm": asdict(prm), "traces": len(data), "skipped": skipped,
               "step_labels": {"right": counts[1], "wrong": counts[0]}, "metrics": result.metrics,
               "log_history": trainer.state.log_history, "seconds": round(time.perf_counter() - t0, 1)}
     store.write_json(report, out / "prm_train.json")
     log(f"prm train: saved {out} (loss {result.metrics['train_loss']:.4f})")
+    return report
+
+
+def train_likelihood_prm(cfg: PRMTrainConfig, prm: PRMConfig, rows: list[dict], t0: float, log=print) -> dict:
+    """Measure the base LM's surprise at each labelled step and fit the head (prm.likelihood)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = prm.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tok = AutoTokenizer.from_pretrained(cfg.base_model)
+    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=prm.dtype).to(device).eval()
+    max_length = cfg.max_length or model.config.max_position_embeddings
+    measured = likelihood.trace_features(model, tok, cfg.rendering, [(r["question"], r["steps"]) for r in rows],
+                                         prm.batch_size, max_length, device)
+    feats, labels, too_long = [], [], 0
+    for r, (f, _) in zip(rows, measured):
+        if f is None:
+            too_long += 1
+            continue
+        feats.append(f)
+        labels += step_labels(r, cfg)
+    if not feats:
+        raise ValueError(f"{cfg.labels}: every labelled trace is longer than max_length={max_length}")
+    y = torch.tensor(labels, dtype=torch.float32)
+    head, loss = likelihood.fit_head(torch.cat(feats), y, cfg.rendering, cfg.weight_decay)
+    out = Path(cfg.output_dir)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    head.save(out)
+    counts = {"right": int(y.sum()), "wrong": int(len(y) - y.sum())}
+    report = {"config": asdict(cfg), "prm": asdict(prm),
+              "traces": len(feats), "skipped": {"too_long": too_long}, "step_labels": counts,
+              "metrics": {"train_loss": loss}, "head": dict(zip(likelihood.FEATURES, head.weights)),
+              "seconds": round(time.perf_counter() - t0, 1)}
+    store.write_json(report, out / "prm_train.json")
+    log(f"prm train: likelihood head on {len(feats)} traces, {len(y)} labelled steps ({counts}); "
+        f"left out {too_long} too long; saved {out} (loss {loss:.4f})")
     return report
 
 

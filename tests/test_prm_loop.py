@@ -99,3 +99,26 @@ def test_trained_prm_loads_evaluates_and_calibrates(loop, capsys):
     assert report["f1"] == pytest.approx(expected["f1"]) and report["acc_correct"] == pytest.approx(expected["acc_correct"])
     cal = prm_cli.run_command("calibrate", recipe, log=lambda m: None)
     assert 0 < cal["threshold"] < 1 and cal["f1"] > 0.5 and 0 < cal["kept"] <= cal["traces"]
+
+
+def test_likelihood_prm_trains_on_the_labels_and_evaluates(loop, tmp_path, teacher_dir):
+    """The same labels through `factory prm train` with prm.family=likelihood: the teacher reads the
+    traces as it wrote them and a head is fitted; eval's F1 is recomputed from the scores."""
+    recipe, _, _ = loop
+    out = tmp_path / "likelihood"
+    overrides = [f"prm.model={out}", "prm.family=likelihood", f"train.output_dir={out}",
+                 f"train.base_model={teacher_dir}", f"label.output={recipe.label.output}"]  # rendering: the recipe's defaults are the toy rollout's format
+    r = prm_cli.load_recipe(ROOT / "recipes" / "toy_addition_prm.yaml", overrides)
+    report = prm_cli.run_command("train", r, log=lambda m: None)
+    rows = [x for x in pq.read_table(prm_cli.labels_path(recipe)).to_pylist() if x["status"] == "ok"]
+    train = [x for x in rows if x["split"] == "train"]
+    assert report["traces"] == len(train) and sum(report["step_labels"].values()) == sum(len(x["steps"]) for x in train)
+    scorer = PRMScorer(r.prm)
+    scores = [s.scores for s in scorer.score([(x["question"], x["steps"]) for x in train])]
+    right = [s for sc, x in zip(scores, train) for s, h in zip(sc, x["step_hard"]) if h == 1]
+    wrong = [s for sc, x in zip(scores, train) for s, h in zip(sc, x["step_hard"]) if h == 0]
+    assert sum(right) / len(right) > sum(wrong) / len(wrong) + 0.1
+    ev = prm_cli.run_command("eval", r, log=lambda m: None)
+    held = [x for x in rows if x["split"] == "test"]
+    preds = [predicted_first_error(s.scores, 0.5) for s in scorer.score([(x["question"], x["steps"]) for x in held])]
+    assert ev["scored"] == len(held) and ev["f1"] == pytest.approx(processbench([x["first_error"] for x in held], preds)["f1"])
