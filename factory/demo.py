@@ -14,6 +14,7 @@ model each eval loads) are filled in here, so the sections stay the ordinary rec
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,30 @@ class DemoRecipe:
 
 def load_recipe(path, overrides=()) -> DemoRecipe:
     return config_mod.load(DemoRecipe, path, overrides)
+
+
+def data_key(run_dir: Path) -> dict[str, str]:
+    """sha256 of the curriculum and pair shards a run hands to training."""
+    m = json.loads((run_dir / "manifest.json").read_text())
+    return {f: store.sha256_file(run_dir / f) for f in [s["file"] for s in m["curriculum"]] + list(m["pairs"])}
+
+
+def model_key(model_dir: str) -> dict[str, str]:
+    return {f.name: store.sha256_file(f) for f in sorted(Path(model_dir).glob("*.safetensors"))}
+
+
+def reuse(out: Path, inputs: dict, finished: str) -> bool:
+    """Resume rule for the demo's train and eval steps: `out` is reused when it was made from
+    exactly these inputs (config, data and model hashes) and holds `finished`. Otherwise it is
+    cleared first, so a model or an eval of older data is never reported for new data; with the
+    same inputs an unfinished step keeps its checkpoints."""
+    mark, key = out / "demo_inputs.json", json.dumps(inputs, sort_keys=True, default=str)
+    if mark.exists() and mark.read_text() == key:
+        return (out / finished).exists()
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    mark.write_text(key)
+    return False
 
 
 def unfiltered_run(run: Path, out: Path) -> Path:
@@ -190,7 +215,8 @@ def run_demo(recipe: DemoRecipe, log=print) -> dict:
         r.model.path, r.data.run_dir, r.train.output_dir = student, str(run_dir), str(out)
         if max_steps:
             r.train.extra = {**r.train.extra, "max_steps": max_steps}
-        if not (out / "factory_train.json").exists():
+        inputs = {"recipe": config_mod.to_dict(r), "data": data_key(run_dir), "model": model_key(student)}
+        if not reuse(out, inputs, "factory_train.json"):
             train_mod.train("sft", r, log=log)
         return str(out)
 
@@ -204,15 +230,19 @@ def run_demo(recipe: DemoRecipe, log=print) -> dict:
     d = config_mod.from_dict(train_mod.DPORecipe, config_mod.to_dict(recipe.dpo))
     d.model.path = d.dpo.ref_model = trained["student-sft"]
     d.data.run_dir, d.train.output_dir = str(run), str(dpo_out)
-    if not (dpo_out / "factory_train.json").exists():
+    inputs = {"recipe": config_mod.to_dict(d), "data": data_key(run), "model": model_key(d.model.path)}
+    if not reuse(dpo_out, inputs, "factory_train.json"):
         train_mod.train("dpo", d, log=log)
     trained["student-dpo"] = str(dpo_out)
     results, phrasing = {}, {}
     for name, model in [("student-base", student)] + list(trained.items()):
         e = config_mod.from_dict(evaluate.EvalRecipe, config_mod.to_dict(recipe.eval))
         e.engine.model, e.run.output_dir = model, str(run / "eval" / name)
-        done = Path(e.run.output_dir) / "eval.json"
-        results[name] = json.loads(done.read_text()) if done.exists() else evaluate.evaluate(e, log=log)
+        out = Path(e.run.output_dir)
+        if reuse(out, {"recipe": config_mod.to_dict(e), "model": model_key(model)}, "eval.json"):
+            results[name] = json.loads((out / "eval.json").read_text())
+        else:
+            results[name] = evaluate.evaluate(e, log=log)
         phrasing[name] = pass_by_phrasing(Path(e.run.output_dir))
     prm = prm_vs_ground_truth(run, recipe.demo, recipe.pipeline.score.split) if recipe.pipeline.score else \
         {"f1": float("nan"), "acc_erroneous": float("nan"), "acc_correct": float("nan"), "erroneous": 0, "correct": 0}

@@ -29,6 +29,14 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_parquet(table: pa.Table, path: Path) -> None:
     """Write atomically: a reader sees the old file, or the whole new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,6 @@ truncated trace teaches a reasoning chain without its final answer.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -143,14 +142,6 @@ def load_recipe(kind: str, path: str | Path | None, overrides: list[str] = ()) -
 # --- data -------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_run(run_dir: str, kind: str) -> tuple[pa.Table, dict]:
     """The run's curriculum (sft) or pairs (dpo) in shard order, and a manifest of the files."""
     run = Path(run_dir)
@@ -165,8 +156,8 @@ def read_run(run_dir: str, kind: str) -> tuple[pa.Table, dict]:
     data = pa.concat_tables(tables)
     if data.num_rows == 0:
         raise ValueError(f"{run}: {', '.join(files)} hold no rows to train on")
-    consumed = {"run_dir": str(run.resolve()), "run_manifest_sha256": _sha256(manifest_path),
-                "files": [{"file": f, "rows": t.num_rows, "sha256": _sha256(run / f)} for f, t in zip(files, tables)]}
+    consumed = {"run_dir": str(run.resolve()), "run_manifest_sha256": store.sha256_file(manifest_path),
+                "files": [{"file": f, "rows": t.num_rows, "sha256": store.sha256_file(run / f)} for f, t in zip(files, tables)]}
     return data, consumed
 
 
