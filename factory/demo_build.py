@@ -10,9 +10,10 @@ Writes into OUT:
     student/    the same architecture trained on gold traces of two of the four phrasings only
                 (plain and expression): it knows the format and the arithmetic, but word problems
                 put as a story or tersely are new to it, which the teacher's traces can teach
-    prm/        a classification PRM fine-tuned from the teacher on Monte-Carlo step labels of
-                the teacher's own traces on other generated problems (`factory prm label` / `train`),
-                measured against the domain's ground-truth step labels on held-out traces
+    prm/        a likelihood PRM (prm.likelihood): the teacher plus a head fitted on Monte-Carlo
+                step labels of the teacher's own traces on other generated problems
+                (`factory prm label` / `train`), measured against the domain's ground-truth step
+                labels on held-out traces
     */CARD.md   how each was made, its size and measured accuracy
 
 The models are trained by the project's own trainer (TRL's SFTTrainer through factory.train)
@@ -170,6 +171,7 @@ def main() -> None:
     from factory.engine import EngineConfig, VLLMEngine
     from prm.cli import PRMRecipe, run_command
     from prm.evaluate import PRMEvalConfig, evaluate_prm
+    from prm.likelihood import Rendering
     from prm.scorer import PRMScorer
     from prm.train import read_labels
 
@@ -185,9 +187,11 @@ def main() -> None:
     r = PRMRecipe()
     r.engine.model, r.rollout.question_template, r.run.progress = str(work / "teacher"), QUESTION_TEMPLATE, False
     r.label.run_dir, r.label.output, r.label.max_tokens, r.label.heldout_fraction = str(prm_run), str(work / "labels"), 160, 0.0
-    r.prm.system_prompt, r.prm.model, r.prm.batch_size = None, str(work / "prm"), 64
-    r.train.base_model, r.train.output_dir, r.train.learning_rate = str(work / "teacher"), str(work / "prm"), 1e-3
-    r.train.epochs, r.train.batch_size = 4, 32
+    # a likelihood PRM: the teacher reads each step, a head fitted on the Monte-Carlo labels scores
+    # it (a classification head fine-tuned from the teacher stays at F1 ~0.49 here: NOTES.md)
+    r.prm.family, r.prm.model, r.prm.batch_size = "likelihood", str(work / "prm"), 16
+    r.train.base_model, r.train.output_dir = str(work / "teacher"), str(work / "prm")
+    r.train.rendering = Rendering(system_prompt=None, question_template=QUESTION_TEMPLATE)
     r.label.num_completions, r.label.max_completions = 8, 32
     label_report = run_command("label", r, engine=engine)
     engine.close()
@@ -214,7 +218,8 @@ def main() -> None:
             "rebuild: python -m factory.demo_build data/demo"])
     dst = keep(work / "prm", out / "prm")
     card(dst, "demo PRM", [
-        "Qwen2ForTokenClassification (2 labels) fine-tuned from the teacher, `<extra_0>` after each step",
+        "likelihood PRM (prm.likelihood): the teacher, unchanged, reads each trace in its own format; a "
+        "logistic head on its surprise at each step's tokens (8 features) gives the step's score",
         f"labels: `factory prm label` (8 teacher continuations per step prefix, up to 32 when the first 8 all "
         f"miss) on the teacher's 8 traces of {len(prm_problems)} generated problems: {json.dumps(label_report)}; "
         f"their first wrong step equals the ground truth's on {100 * agree:.1f}% of the traces",
