@@ -14,7 +14,6 @@ model each eval loads) are filled in here, so the sections stay the ordinary rec
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,13 +66,8 @@ def reuse(out: Path, inputs: dict, finished: str) -> bool:
     exactly these inputs (config, data and model hashes) and holds `finished`. Otherwise it is
     cleared first, so a model or an eval of older data is never reported for new data; with the
     same inputs an unfinished step keeps its checkpoints."""
-    mark, key = out / "demo_inputs.json", json.dumps(inputs, sort_keys=True, default=str)
-    if mark.exists() and mark.read_text() == key:
-        return (out / finished).exists()
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    mark.write_text(key)
-    return False
+    return store.claim_dir(out, store.fingerprint(inputs), {"inputs": inputs}, "demo_inputs.json") \
+        and (out / finished).exists()
 
 
 def unfiltered_run(run: Path, out: Path) -> Path:
@@ -243,7 +237,7 @@ def run_demo(recipe: DemoRecipe, log=print) -> dict:
             results[name] = json.loads((out / "eval.json").read_text())
         else:
             results[name] = evaluate.evaluate(e, log=log)
-        phrasing[name] = pass_by_phrasing(Path(e.run.output_dir))
+        phrasing[name] = pass_by_phrasing(out)
     prm = prm_vs_ground_truth(run, recipe.demo, recipe.pipeline.score.split) if recipe.pipeline.score else \
         {"f1": float("nan"), "acc_erroneous": float("nan"), "acc_correct": float("nan"), "erroneous": 0, "correct": 0}
     seconds = time.perf_counter() - t0

@@ -56,6 +56,19 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def claim_dir(path: Path, fp: str, meta: dict, marker: str) -> bool:
+    """A directory of work made from inputs with fingerprint `fp`: True when its `marker` file
+    says it was made from the same inputs (reuse what is there); otherwise it is cleared and
+    the marker (fingerprint + `meta`) written, so nothing made from other inputs survives."""
+    mark = Path(path) / marker
+    if mark.exists() and read_json(mark).get("fingerprint") == fp:
+        return True
+    if Path(path).exists():
+        shutil.rmtree(path)
+    write_json({**meta, "fingerprint": fp}, mark)
+    return False
+
+
 class StageDir:
     """The shards, markers and fingerprint of one stage of one run."""
 
@@ -65,13 +78,7 @@ class StageDir:
 
     def open(self, fp: str, config: Any) -> bool:
         """Prepare for a run with fingerprint `fp`; return True if earlier work is reused."""
-        meta = self.path / "_stage.json"
-        if meta.exists() and read_json(meta).get("fingerprint") == fp:
-            return True
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        write_json({"stage": self.name, "fingerprint": fp, "config": config}, meta)
-        return False
+        return claim_dir(self.path, fp, {"stage": self.name, "config": config}, "_stage.json")
 
     @property
     def fingerprint(self) -> str | None:
