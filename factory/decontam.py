@@ -1,7 +1,7 @@
 """Stage `decontam`: drop problems that overlap a benchmark's questions.
 
 In:  problems (after dedup, rewrite or ingest).   Out: the same table minus contaminated
-rows; each goes to rejected/decontam.parquet as `contaminated`, naming the benchmark, the
+rows; each goes to rejected/decontam/ as `contaminated`, naming the benchmark, the
 benchmark row and the shared n-gram. A rewrite whose parent is contaminated is dropped too
 (`contaminated_parent`): a paraphrase of a test question leaks it even when it shares no
 n-gram with it.

@@ -1,7 +1,7 @@
 """Stage `dedup`: one problem per cluster of duplicate questions.
 
 In:  problems (after rewrite, or straight from ingest).   Out: the same table minus the
-duplicates; each removed row goes to rejected/dedup.parquet as `duplicate_exact` or
+duplicates; each removed row goes to rejected/dedup/ as `duplicate_exact` or
 `near_duplicate`, with the id of the problem it duplicates (in `detail` and in the kept
 record as `duplicate_of`).
 

@@ -18,6 +18,7 @@ its config and the shard table and returns (out, rejected, stats).
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from factory import config as config_mod
@@ -264,6 +266,20 @@ class Runner:
             from factory.ray_executor import map_shards
 
             map_shards(self.recipe, name, upstream.name, pending, self.log)
+        elif name == "rollout":  # one stream over every pending shard: no idle teacher at shard ends
+            from factory.continuous import rollout_shards
+
+            bar = tqdm(total=n, initial=n - len(pending), desc=name, unit="shard", disable=not self.recipe.run.progress)
+            tokens, seconds = [0], [0.0]
+
+            def sealed(i: int, stats: dict) -> None:
+                tokens[0] += stats["generated_tokens"]
+                seconds[0] += stats["generate_seconds"]
+                bar.set_postfix(tok_s=f"{tokens[0] / max(seconds[0], 1e-9):.0f}")
+                bar.update(1)
+
+            rollout_shards(sd, upstream, pending, self.recipe.rollout, self.engine, on_seal=sealed)
+            bar.close()
         else:
             bar = tqdm(total=n, initial=n - len(pending), desc=name, unit="shard", disable=not self.recipe.run.progress)
             for i in pending:
@@ -289,23 +305,28 @@ class Runner:
         return self.run_map("score", upstream, self.recipe.score)
 
     def run_curate(self, upstream: store.StageDir) -> None:
+        """Curate each graded shard on its own (a problem's K traces all live in one shard), then
+        merge the shards' sorted outputs into the products: memory is one shard plus a row
+        group per merged file, never the run."""
         cfg = self.recipe.curate
         sd = store.StageDir(self.run_dir, "curate")
         fp = store.fingerprint("curate", config_mod.to_dict(cfg), upstream.fingerprint,
                                config_mod.to_dict(self.recipe.rollout))
         if sd.open(fp, config_mod.to_dict(cfg)) and sd.complete:
             return
+        n = upstream.num_shards()
+        prompt = lambda q: prompt_messages(q, self.recipe.rollout)  # noqa: E731
+        for i in (i for i in range(n) if not sd.is_done(i)):
+            t0 = time.perf_counter()
+            graded = upstream.read_shard(i)
+            curriculum, pairs, difficulty, rejected = curate_table(graded, cfg, prompt)
+            sd.write_shard(i, curriculum, rejected, {
+                "rows_in": graded.num_rows, "rows_out": curriculum.num_rows, "pairs": pairs.num_rows,
+                "dropped": store.count_reasons(rejected), "seconds": time.perf_counter() - t0},
+                extra={"pairs": pairs, "difficulty": difficulty}, row_group_size=64)
         t0 = time.perf_counter()
-        graded = upstream.read()
-        curriculum, pairs, difficulty, rejected = curate_table(
-            graded, cfg, lambda q: prompt_messages(q, self.recipe.rollout))
-        shards = write_curriculum(self.run_dir / "curriculum", curriculum, cfg.rows_per_shard)
-        replace_dir(self.run_dir / "pairs", {"pairs-00000.parquet": pairs})
-        store.write_parquet(difficulty, self.run_dir / "difficulty.parquet")
-        sd.write_shard(0, curriculum.slice(0, 0), rejected, {
-            "rows_in": graded.num_rows, "rows_out": curriculum.num_rows, "pairs": pairs.num_rows,
-            "dropped": store.count_reasons(rejected), "seconds": time.perf_counter() - t0, "shards": shards})
-        sd.finish(1, {})
+        shards, pair_files = merge_products(self.run_dir, sd, n, cfg.rows_per_shard)
+        sd.finish(n, {"shards": shards, "pair_files": pair_files, "merge_seconds": time.perf_counter() - t0})
 
     # -- the whole run ---------------------------------------------------------------------
 
@@ -330,35 +351,46 @@ class Runner:
             graded = stages["score"] = self.run_score(graded)
         self.run_curate(graded)
         stages["curate"] = store.StageDir(self.run_dir, "curate")
-        replace_dir(self.run_dir / "rejected", {f"{n}.parquet": sd.read_rejected() for n, sd in stages.items()})
+        link_rejected(self.run_dir / "rejected", stages)
         manifest = build_manifest(self.recipe, stages, time.perf_counter() - t0)
         store.write_json(manifest, self.run_dir / "manifest.json")
         return manifest
 
 
-def replace_dir(path: Path, tables: dict[str, pa.Table]) -> None:
-    """Write a directory of tables whole: into a temp dir, then swapped into place."""
+CURRICULUM_ORDER = lambda r: (r["difficulty"], r["problem_id"], r["num_tokens"], r["trace_id"])  # noqa: E731
+
+
+def merge_products(run_dir: Path, sd: store.StageDir, n: int, rows_per_shard: int) -> tuple[list[dict], list[dict]]:
+    """The curate shards' sorted tables merged into RUN/curriculum/part-*.parquet (easy -> hard,
+    part-00000 the easiest), RUN/pairs/pairs-*.parquet (same order) and RUN/difficulty.parquet
+    (by problem_id). Returns the curriculum and pair file indexes."""
+    scratch = sd.path / "merge-tmp"
+    cur = store.ShardedWriter(run_dir / "curriculum", "part", pq.read_schema(sd.shard(0)), rows_per_shard, "difficulty")
+    store.merge_sorted([sd.shard(i) for i in range(n)], CURRICULUM_ORDER, cur.write, scratch)
+    pairs = store.ShardedWriter(run_dir / "pairs", "pairs", schema.PAIRS, rows_per_shard)
+    store.merge_sorted([sd.extra_shard("pairs", i) for i in range(n)], lambda r: (r["difficulty"], r["problem_id"]),
+                       pairs.write, scratch)
+    diff = store.ShardedWriter(run_dir / "difficulty.tmpdir", "difficulty",
+                               pq.read_schema(sd.extra_shard("difficulty", 0)), 1 << 62)
+    store.merge_sorted([sd.extra_shard("difficulty", i) for i in range(n)], lambda r: r["problem_id"], diff.write, scratch)
+    diff.commit()
+    os.replace(run_dir / "difficulty.tmpdir" / "difficulty-00000.parquet", run_dir / "difficulty.parquet")
+    shutil.rmtree(run_dir / "difficulty.tmpdir")
+    return cur.commit(), pairs.commit()
+
+
+def link_rejected(path: Path, stages: dict[str, store.StageDir]) -> None:
+    """RUN/rejected/<stage>/part-NNNNN.parquet: each stage's rejected shards, linked (not read)."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    for name, t in tables.items():
-        store.write_parquet(t, tmp / name)
+    for name, sd in stages.items():
+        files = sd.rejected_files()
+        for k, f in enumerate(files):
+            store.link_or_copy(f, tmp / name / f"part-{k:05d}.parquet")
+        if not files:
+            store.write_parquet(schema.table([], schema.REJECTED), tmp / name / "part-00000.parquet")
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
-
-
-def write_curriculum(path: Path, curriculum: pa.Table, rows_per_shard: int) -> list[dict]:
-    """Shards named in curriculum order (part-00000 is the easiest); returns their index."""
-    n = max(1, -(-curriculum.num_rows // max(1, rows_per_shard)))
-    tables, index = {}, []
-    for i in range(n):
-        part = curriculum.slice(i * rows_per_shard, rows_per_shard)
-        name = f"part-{i:05d}.parquet"
-        tables[name] = part
-        d = part.column("difficulty").to_pylist()
-        index.append({"file": f"curriculum/{name}", "rows": part.num_rows,
-                      "difficulty_min": min(d) if d else None, "difficulty_max": max(d) if d else None})
-    replace_dir(path, tables)
-    return index
 
 
 def write_curriculum_run(out: Path, rows: list[dict]) -> Path:
@@ -391,16 +423,18 @@ def build_manifest(recipe: Recipe, stages: dict[str, store.StageDir], seconds: f
                     for k, v in s.get(key, {}).items():
                         total[k] = total.get(k, 0) + v
                 entry[key] = total
-        if name == "curate" and shards:
-            entry["pairs"] = shards[0]["pairs"]
+        if name == "curate":
+            entry["pairs"] = sum(s["pairs"] for s in shards)
+        cpu = sum(s.get("driver_cpu_seconds", 0.0) for s in shards)
+        if cpu:
+            entry["driver_cpu_seconds"] = round(cpu, 3)
         counts[name] = entry
-    curate_stats = stages["curate"].shard_stats()
     return {
         "config": config_mod.to_dict(recipe),
         "packages": package_versions(),
         "stages": counts,
-        "curriculum": curate_stats[0]["shards"] if curate_stats else [],
-        "pairs": ["pairs/pairs-00000.parquet"],
+        "curriculum": stages["curate"].complete["shards"],
+        "pairs": [f["file"] for f in stages["curate"].complete["pair_files"]],
         "seconds": round(seconds, 3),
     }
 

@@ -2,7 +2,7 @@
 
 In:  problems (ingest's table).   Out: the same problems plus accepted rewrites, with
 `origin` (original | paraphrase | variant), `parent_problem_id` and the check's outcome
-(schema.REWRITE_COLUMNS); rejected rewrites go to rejected/rewrite.parquet with the reason.
+(schema.REWRITE_COLUMNS); rejected rewrites go to rejected/rewrite/ with the reason.
 
 Two modes, each asking the rewriter model (`rewrite.model`, by default the teacher) with a
 prompt template from the recipe:

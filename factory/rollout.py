@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
 
 from factory import answers, schema
-from factory.engine import Engine, Sampling
+from factory.engine import Completion, Engine, Sampling
 
 R1_ZERO_TEMPLATE = (
     "A conversation between User and Assistant. The User asks a question, and the Assistant "
@@ -80,56 +80,97 @@ def render_prompt(question: str, cfg: RolloutConfig, engine: Engine) -> str:
     return engine.apply_chat_template(prompt_messages(question, cfg), template)
 
 
+@dataclass
+class Prepared:
+    """A problem's request: its row, the rendered prompt and its ids, and its sampling."""
+    row: dict
+    prompt: str
+    ids: list
+    sampling: Sampling
+
+
+def sampling_key(cfg: RolloutConfig, model: str) -> str:
+    """What a trace id hashes besides (problem, sample): model, sampling and format, not the
+    per-request seed or a budget shrunk to fit the context (so ids are stable)."""
+    base = Sampling(n=cfg.num_traces, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                    stop=tuple(cfg.stop or ()))
+    return json.dumps({"model": model, **{k: v for k, v in base.to_dict().items() if k != "seed"},
+                       "seed": cfg.seed, "format": cfg.prompt_format}, sort_keys=True)
+
+
+def prepare(rows: list[dict], cfg: RolloutConfig, engine: Engine) -> tuple[list[Prepared], list[dict], int]:
+    """Render and tokenize each problem's prompt once: to reject prompts that can't fit (vLLM
+    would fail the whole batch, a server the request) and to hand the engine ids. A prompt that
+    fits but leaves less than max_tokens gets the budget that is left (a server would answer
+    400; NeMo-Skills shrinks the same way); its `sampling` column records the budget it had.
+
+    Returns:
+        (requests, rejected rows (prompt_too_long), number of budgets shrunk).
+    """
+    prompts = [render_prompt(r["question"], cfg, engine) for r in rows]
+    token_ids = engine.tokenize(prompts)
+    fits, rejected, shrunk = [], [], 0
+    for row, prompt, ids in zip(rows, prompts, token_ids):
+        room = engine.max_model_len - len(ids)
+        if room <= 0:
+            rejected.append(schema.rejected_row(
+                "rollout", "prompt_too_long", row, problem_id=row["problem_id"],
+                detail=f"prompt has {len(ids)} tokens; engine.max_model_len is {engine.max_model_len}"))
+            continue
+        shrunk += room < cfg.max_tokens and bool(ids)  # a hosted chat API gives no local ids
+        fits.append(Prepared(row, prompt, ids, Sampling(
+            n=cfg.num_traces, temperature=cfg.temperature, top_p=cfg.top_p,
+            max_tokens=min(cfg.max_tokens, room) if ids else cfg.max_tokens,
+            seed=request_seed(cfg.seed, row["problem_id"]), stop=tuple(cfg.stop or ()))))
+    return fits, rejected, shrunk
+
+
+def trace_rows(p: Prepared, completions: list[Completion], key: str, model: str) -> tuple[list[dict], list[dict], int]:
+    """A problem's K completions as trace rows (and request_failed rejections); returns tokens too."""
+    row = p.row
+    # an R1-distill template prefills "<think>\n": put it back so the trace reads whole
+    prefix = answers.THINK_OPEN + "\n" if p.prompt.rstrip().endswith(answers.THINK_OPEN) else ""
+    traces, rejected, tokens = [], [], 0
+    for k, c in enumerate(completions):
+        tid = trace_id(row["problem_id"], k, key)
+        if c.error is not None:  # a server request that failed after its retries
+            rejected.append(schema.rejected_row("rollout", "request_failed", {**row, "sample_index": k},
+                                                problem_id=row["problem_id"], trace_id=tid, detail=c.error))
+            continue
+        request = p.sampling if c.max_tokens is None else replace(p.sampling, max_tokens=c.max_tokens)
+        text = prefix + c.text
+        split = answers.split_think(text)
+        tokens += c.num_tokens
+        traces.append({
+            **row, "trace_id": tid, "sample_index": k,
+            "text": text, "reasoning": split.reasoning, "answer_text": split.answer_text,
+            "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
+            "truncated": c.finish_reason == "length", "teacher_model": model,
+            "sampling": json.dumps(request.to_dict()),
+        })
+    return traces, rejected, tokens
+
+
 def rollout_table(problems: pa.Table, cfg: RolloutConfig, engine: Engine, progress: bool = False) -> tuple[pa.Table, pa.Table, dict]:
-    """Generate K traces for each problem of `problems`.
+    """Generate K traces for each problem of `problems` in one engine call (the Ray executor's
+    unit; the local executor streams every shard through `factory.continuous`).
 
     Returns:
         (traces, rejected, stats) with stats holding tokens and seconds for tokens/s.
     """
-    rows = problems.to_pylist()
-    prompts = [render_prompt(r["question"], cfg, engine) for r in rows]
-    # tokenized once: to reject prompts that can't fit (vLLM would fail the whole batch),
-    # and handed to the engine as ids so it does not tokenize them again
-    token_ids = engine.tokenize(prompts)
-    fits, rejected = [], []
-    for row, prompt, ids in zip(rows, prompts, token_ids):
-        if len(ids) >= engine.max_model_len:
-            rejected.append(schema.rejected_row(
-                "rollout", "prompt_too_long", row, problem_id=row["problem_id"],
-                detail=f"prompt has {len(ids)} tokens; engine.max_model_len is {engine.max_model_len}"))
-        else:
-            fits.append((row, prompt, ids))
-    sampling = [
-        Sampling(n=cfg.num_traces, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                 seed=request_seed(cfg.seed, row["problem_id"]), stop=tuple(cfg.stop or ()))
-        for row, _, _ in fits
-    ]
+    fits, rejected, shrunk = prepare(problems.to_pylist(), cfg, engine)
     t0 = time.perf_counter()
-    outputs = engine.generate([ids for _, _, ids in fits], sampling, progress=progress) if fits else []
+    outputs = engine.generate([p.ids for p in fits], [p.sampling for p in fits], progress=progress) if fits else []
     seconds = time.perf_counter() - t0
-    sampling_key = json.dumps({"model": engine.model_name, **{k: v for k, v in sampling[0].to_dict().items() if k != "seed"},
-                               "seed": cfg.seed, "format": cfg.prompt_format}, sort_keys=True) if fits else ""
-    traces, tokens = [], 0
-    for (row, prompt, _), s, completions in zip(fits, sampling, outputs):
-        # an R1-distill template prefills "<think>\n": put it back so the trace reads whole
-        prefix = answers.THINK_OPEN + "\n" if prompt.rstrip().endswith(answers.THINK_OPEN) else ""
-        request = json.dumps(s.to_dict())
-        for k, c in enumerate(completions):
-            if c.error is not None:  # a server request that failed after its retries
-                rejected.append(schema.rejected_row(
-                    "rollout", "request_failed", {**row, "sample_index": k}, problem_id=row["problem_id"],
-                    trace_id=trace_id(row["problem_id"], k, sampling_key), detail=c.error))
-                continue
-            text = prefix + c.text
-            split = answers.split_think(text)
-            tokens += c.num_tokens
-            traces.append({
-                **row, "trace_id": trace_id(row["problem_id"], k, sampling_key), "sample_index": k,
-                "text": text, "reasoning": split.reasoning, "answer_text": split.answer_text,
-                "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
-                "truncated": c.finish_reason == "length", "teacher_model": engine.model_name,
-                "sampling": request,
-            })
-    out_schema = schema.extend(problems.schema, schema.ROLLOUT_COLUMNS)
-    stats = {"generated_tokens": tokens, "generate_seconds": seconds}
-    return schema.table(traces, out_schema), schema.table(rejected, schema.REJECTED), stats
+    key, traces, tokens = sampling_key(cfg, engine.model_name), [], 0
+    for p, completions in zip(fits, outputs):
+        t, r, n = trace_rows(p, completions, key, engine.model_name)
+        traces += t
+        rejected += r
+        tokens += n
+    stats = {"generated_tokens": tokens, "generate_seconds": seconds, "budget_shrunk": shrunk}
+    return traces_table(traces, problems.schema), schema.table(rejected, schema.REJECTED), stats
+
+
+def traces_table(traces: list[dict], problems_schema: pa.Schema) -> pa.Table:
+    return schema.table(traces, schema.extend(problems_schema, schema.ROLLOUT_COLUMNS))

@@ -2,34 +2,46 @@
 
 `ServerEngine` has the methods of `factory.engine.Engine`, so rollout and rewrite use it
 unchanged (`engine.backend: server` in a recipe). It sends requests with the `openai` client
-(async, `max_concurrency` at a time); the client retries 429, 5xx and dropped connections with
-exponential backoff (`max_retries`) and gives up on a request after `timeout_s`.
+(async; the client retries 429, 5xx and dropped connections with exponential backoff,
+`max_retries`, and gives up on a try after `timeout_s`).
 
-Resume is per request: every finished sample is appended to a journal (JSONL, flushed and
-fsynced) under a key of (prompt, sampling parameters with the seed, model, API, sample index).
-A re-run reads the journal and sends only what is missing, so a killed job loses at most the
-requests in flight. A request that still fails after its retries comes back as a `Completion`
-with `error` set; the rollout stage records it in its rejected table (`request_failed`), never
-as an empty trace. Failures are not journalled: the next run tries them again.
+`stream` keeps `max_concurrency` sequences in flight for as long as the caller has requests:
+each sample is its own request (seeded seed+i, as vLLM seeds sample i of an n-request), so a
+finished sample frees its place at once instead of waiting for its slowest sibling, and its
+token count is the server's `usage`. The rollout stage streams every shard through one call,
+so the server's queue never drains at a shard boundary. `generate` is `stream` over one list.
+
+When prompt + max_tokens exceed the server's context, the server answers 400; the request is
+sent again with the budget that fits (as NeMo-Skills does), and the completion records it
+(`Completion.max_tokens`). A request that still fails after its retries comes back as a
+`Completion` with `error` set (the rollout stage rejects it as `request_failed`, never as an
+empty trace); one failed request never ends the run.
+
+`generate` (used by rewrite and the PRM labeller) journals every finished sample (JSONL,
+flushed, fsynced) under a key of (prompt, sampling parameters with the seed, model, API,
+sample index); a re-run sends only what is missing. The journal keeps only keys and file
+offsets in memory. The rollout stage does not use it: it makes each problem durable itself.
 
 Two APIs:
 - completions: the prompt is rendered locally with the model's chat template (`tokenizer`,
   by default the model name as a local directory), exactly as the in-process engine renders it;
 - chat: the server applies its own template; reasoning returned apart from the answer
   (`reasoning_content`, or `reasoning` in newer vLLM) is put back as `<think>…</think>`.
-`n` samples go in one request where the server supports it (`n_per_request`), otherwise as
-n requests with seeds seed, seed+1, ...
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import itertools
 import json
 import os
+import re
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
-from factory.engine import Completion, Sampling, ServerConfig
+from factory.engine import Completion, Request, Sampling, ServerConfig
 
 
 class PromptIds(list):
@@ -46,29 +58,50 @@ def request_key(model: str, api: str, prompt: str, sampling: Sampling) -> str:
 
 
 class Journal:
-    """Finished samples, one JSON line each: {key, index, text, num_tokens, finish_reason}."""
+    """Finished samples, one JSON line each: {key, index, text, num_tokens, finish_reason}.
+    In memory: (key, index) -> byte offset of its line; texts are read back when asked for."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.done: dict[tuple[str, int], Completion] = {}
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill: that request is re-sent
-                    continue
-                self.done[(r["key"], r["index"])] = Completion(r["text"], r["num_tokens"], r["finish_reason"])
+        self.offsets: dict[tuple[str, int], int] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a")
+        self._f = open(self.path, "a+b")
+        self._f.seek(0)
+        pos = 0
+        for line in self._f:
+            try:
+                r = json.loads(line)
+                self.offsets[(r["key"], r["index"])] = pos
+            except (json.JSONDecodeError, KeyError):  # a line cut short by a kill: that sample is re-sent
+                pass
+            pos += len(line)
+        self._f.seek(0, os.SEEK_END)
+        if pos and not line.endswith(b"\n"):  # start after the cut line, not inside it
+            self._f.write(b"\n")
+
+    def __contains__(self, key: tuple[str, int]) -> bool:
+        return key in self.offsets
+
+    def get(self, key: str, index: int) -> Completion | None:
+        pos = self.offsets.get((key, index))
+        if pos is None:
+            return None
+        with open(self.path, "rb") as f:
+            f.seek(pos)
+            r = json.loads(f.readline())
+        return Completion(r["text"], r["num_tokens"], r["finish_reason"], max_tokens=r.get("max_tokens"))
 
     def add(self, key: str, results: dict[int, Completion]) -> None:
-        lines = "".join(json.dumps({"key": key, "index": i, "text": c.text, "num_tokens": c.num_tokens,
-                                    "finish_reason": c.finish_reason}) + "\n" for i, c in results.items())
-        self._f.write(lines)
+        self._f.seek(0, os.SEEK_END)
+        pos = self._f.tell()
+        for i, c in results.items():
+            line = (json.dumps({"key": key, "index": i, "text": c.text, "num_tokens": c.num_tokens,
+                                "finish_reason": c.finish_reason, "max_tokens": c.max_tokens}) + "\n").encode()
+            self._f.write(line)
+            self.offsets[(key, i)] = pos
+            pos += len(line)
         self._f.flush()
         os.fsync(self._f.fileno())
-        for i, c in results.items():
-            self.done[(key, i)] = c
 
     def close(self) -> None:
         self._f.close()
@@ -117,58 +150,118 @@ class ServerEngine:
         return [PromptIds(i, p) for i, p in zip(ids, prompts)]
 
     def generate(self, prompts, sampling: list[Sampling], progress: bool = False) -> list[list[Completion]]:
+        """All samples of all prompts; samples already in the journal are not sent again."""
         texts = [p.text if isinstance(p, PromptIds) else p for p in prompts]
         if any(not isinstance(t, str) for t in texts):
             raise TypeError("ServerEngine.generate takes prompt strings or tokenize()'s output")
-        return asyncio.run(self._generate(texts, sampling, progress))
+        keys = [request_key(self.model_name, self.cfg.api, t, s) for t, s in zip(texts, sampling)]
+        # a request with every sample journalled is not sent; one with some is sent whole
+        # when n_per_request (one seed for all n), else only its missing samples go out
+        todo = [Request(r, t, s) for r, (k, t, s) in enumerate(zip(keys, texts, sampling))
+                if any((k, i) not in self.journal for i in range(s.n))]
+        fresh: dict[int, list[Completion]] = {}
+        for r, outs in self.stream(todo, skip=lambda r, i: (keys[r], i) in self.journal):
+            fresh[r] = outs
+            self.journal.add(keys[r], {i: c for i, c in enumerate(outs) if c is not None and c.error is None})
+        out = []
+        for r, (k, s) in enumerate(zip(keys, sampling)):
+            got = fresh.get(r) or [None] * s.n  # None: journalled before this call
+            out.append([got[i] or self.journal.get(k, i) or Completion("", 0, "error", error="not sent")
+                        for i in range(s.n)])
+        return out
 
     def close(self) -> None:
         self.journal.close()
 
     # -- requests --------------------------------------------------------------------------
 
-    async def _generate(self, texts: list[str], sampling: list[Sampling], progress: bool) -> list[list[Completion]]:
-        import openai
-        from tqdm.auto import tqdm
-
-        client = openai.AsyncOpenAI(base_url=self.cfg.base_url, api_key=os.environ.get(self.cfg.api_key_env) or "EMPTY",
-                                    max_retries=self.cfg.max_retries, timeout=self.cfg.timeout_s)
-        gate = asyncio.Semaphore(self.cfg.max_concurrency)
-        keys = [request_key(self.model_name, self.cfg.api, t, s) for t, s in zip(texts, sampling)]
-        jobs = []  # (request index, sample indices it returns, n, seed)
-        for r, (k, s) in enumerate(zip(keys, sampling)):
-            missing = [i for i in range(s.n) if (k, i) not in self.journal.done]
-            if not missing:
-                continue
-            if self.cfg.n_per_request:
-                jobs.append((r, list(range(s.n)), s.n, s.seed))  # one seed for all n: re-sent whole
-            else:
-                jobs += [(r, [i], 1, None if s.seed is None else s.seed + i) for i in missing]
-        failed: dict[tuple[int, int], str] = {}
-        bar = tqdm(total=len(jobs), desc="requests", unit="req", disable=not progress)
-
-        async def one(r: int, indices: list[int], n: int, seed: int | None) -> None:
-            async with gate:
-                self.sent += 1
-                try:
-                    outs = await self._request(client, texts[r], sampling[r], n, seed)
-                except Exception as e:  # noqa: BLE001 - whatever the client raised after its retries
-                    for i in indices:
-                        failed[(r, i)] = f"{type(e).__name__}: {e}"[:500]
-                else:
-                    self.journal.add(keys[r], dict(zip(indices, outs)))
-                bar.update(1)
-
+    def stream(self, requests: Iterable[Request], window: int | None = None,
+               skip: Callable[[object, int], bool] | None = None) -> Iterator[tuple[object, list[Completion]]]:
+        """Engine.stream over HTTP: up to `window` (default max_concurrency) sequences in flight.
+        `skip(key, i)`: sample i of that request is already had (its slot in the result is None)."""
+        window = window or self.cfg.max_concurrency
+        loop = asyncio.new_event_loop()
+        client = loop.run_until_complete(self._client(window))
+        it, tasks, open_requests = iter(requests), set(), {}
+        in_flight, exhausted, counter = 0, False, itertools.count()
         try:
-            await asyncio.gather(*(one(*j) for j in jobs))
+            while True:
+                while not exhausted and in_flight < window:
+                    r = next(it, None)
+                    if r is None:
+                        exhausted = True
+                        break
+                    text = r.prompt.text if isinstance(r.prompt, PromptIds) else r.prompt
+                    s, rid = r.sampling, next(counter)
+                    wanted = [i for i in range(s.n) if not (skip and skip(r.key, i))]
+                    if self.cfg.n_per_request and wanted:
+                        jobs = [(list(range(s.n)), s.n, s.seed)]  # one seed for all n: sent whole
+                    else:
+                        jobs = [([i], 1, None if s.seed is None else s.seed + i) for i in wanted]
+                    open_requests[rid] = [r.key, [None] * s.n, sum(len(j[0]) for j in jobs)]
+                    if not jobs:
+                        yield r.key, [None] * s.n
+                        del open_requests[rid]
+                        continue
+                    for indices, n, seed in jobs:
+                        tasks.add(loop.create_task(self._send(client, rid, indices, text, s, n, seed)))
+                        in_flight += len(indices)
+                if not tasks:
+                    return
+                done, tasks = loop.run_until_complete(asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED))
+                for t in done:
+                    rid, indices, outs = t.result()
+                    in_flight -= len(indices)
+                    entry = open_requests[rid]
+                    for i, c in zip(indices, outs):
+                        entry[1][i] = c
+                    entry[2] -= len(indices)
+                    if entry[2] == 0:
+                        del open_requests[rid]
+                        yield entry[0], entry[1]
         finally:
-            bar.close()
-            await client.close()
-        return [[self.journal.done.get((k, i)) or Completion("", 0, "error", error=failed.get((r, i), "not sent"))
-                 for i in range(s.n)] for r, (k, s) in enumerate(zip(keys, sampling))]
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(client.close())
+            loop.close()
 
-    async def _request(self, client, text: str, s: Sampling, n: int, seed: int | None) -> list[Completion]:
-        common = dict(model=self.model_name, n=n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+    async def _client(self, window: int):
+        import httpx
+        import openai
+
+        # the client's default pool (1,000 connections) would cap a larger window
+        limits = httpx.Limits(max_connections=window + 16, max_keepalive_connections=window + 16)
+        return openai.AsyncOpenAI(base_url=self.cfg.base_url, api_key=os.environ.get(self.cfg.api_key_env) or "EMPTY",
+                                  max_retries=self.cfg.max_retries, timeout=self.cfg.timeout_s,
+                                  http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=self.cfg.timeout_s))
+
+    async def _send(self, client, rid: int, indices: list[int], text: str, s: Sampling, n: int, seed: int | None):
+        """One HTTP request for samples `indices`; never raises (a failure becomes error completions)."""
+        import openai
+
+        self.sent += 1
+        budget = s.max_tokens
+        for _ in range(2):
+            try:
+                outs = await self._request(client, text, s, n, seed, budget)
+                if budget != s.max_tokens:
+                    outs = [dataclasses.replace(c, max_tokens=budget) for c in outs]
+                return rid, indices, outs
+            except openai.BadRequestError as e:
+                fit = fitting_budget(str(e), budget)
+                if fit is None:
+                    error = f"{type(e).__name__}: {e}"
+                    break
+                budget = fit  # the server's context is shorter than prompt + max_tokens: ask for what fits
+            except Exception as e:  # noqa: BLE001 - whatever the client raised after its retries
+                error = f"{type(e).__name__}: {e}"
+                break
+        return rid, indices, [Completion("", 0, "error", error=error[:500]) for _ in indices]
+
+    async def _request(self, client, text: str, s: Sampling, n: int, seed: int | None, max_tokens: int) -> list[Completion]:
+        common = dict(model=self.model_name, n=n, temperature=s.temperature, top_p=s.top_p, max_tokens=max_tokens,
                       seed=seed, stop=list(s.stop) or None, extra_body=self.cfg.extra_body or None)
         if self.cfg.api == "completions":
             resp = await client.completions.create(prompt=text, **common)
@@ -184,8 +277,22 @@ class ServerEngine:
         if len(texts) != n:
             raise RuntimeError(f"asked for {n} samples, the server returned {len(texts)}")
         texts.sort(key=lambda x: x[0])
-        out = []
-        for _, t, finish in texts:
-            count = len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) if self.tokenizer else 0
-            out.append(Completion(t, count, finish or "stop"))
-        return out
+        usage = getattr(resp, "usage", None)
+        if n == 1 and usage is not None and usage.completion_tokens is not None:
+            counts = [usage.completion_tokens]  # the server's own count: no re-tokenizing here
+        elif self.tokenizer is not None:  # n samples share one usage total
+            counts = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for _, t, _ in texts]
+        else:
+            counts = [0] * n
+        return [Completion(t, k, finish or "stop") for (_, t, finish), k in zip(texts, counts)]
+
+
+def fitting_budget(message: str, max_tokens: int) -> int | None:
+    """From a server's "maximum context length is C tokens ... (P in the messages, M in the
+    completion)" 400 error, the largest max_tokens that fits (None: not that error, or nothing fits)."""
+    ctx = re.search(r"maximum context length is (\d+)", message)
+    prompt = re.search(r"(\d+) in the messages", message) or re.search(r"(\d+) (?:input|prompt) tokens", message)
+    if not ctx or not prompt:
+        return None
+    fit = int(ctx.group(1)) - int(prompt.group(1))
+    return fit if 0 < fit < max_tokens else None

@@ -11,12 +11,13 @@ includes this one, everything downstream re-runs too.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,11 +38,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_parquet(table: pa.Table, path: Path) -> None:
-    """Write atomically: a reader sees the old file, or the whole new one, never half."""
+def write_parquet(table: pa.Table, path: Path, row_group_size: int | None = None) -> None:
+    """Write atomically: a reader sees the old file, or the whole new one, never half.
+    Small row groups let a merge read the file a few rows at a time."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, row_group_size=row_group_size)
     os.replace(tmp, path)
 
 
@@ -94,11 +96,18 @@ class StageDir:
     def is_done(self, i: int) -> bool:
         return self.shard(i).with_suffix(".done").exists()
 
-    def write_shard(self, i: int, out: pa.Table, rejected: pa.Table, stats: dict) -> None:
-        """Write shard `i` and its rejected rows, then the marker that says both are whole."""
+    def write_shard(self, i: int, out: pa.Table, rejected: pa.Table, stats: dict,
+                    extra: dict[str, pa.Table] | None = None, row_group_size: int | None = None) -> None:
+        """Write shard `i`, its rejected rows and any `extra` tables (`<name>-NNNNN.parquet`),
+        then the marker that says all are whole."""
         write_parquet(rejected, self.rejected_shard(i))
-        write_parquet(out, self.shard(i))
+        for name, t in (extra or {}).items():
+            write_parquet(t, self.extra_shard(name, i), row_group_size)
+        write_parquet(out, self.shard(i), row_group_size)
         write_json(stats, self.shard(i).with_suffix(".done"))
+
+    def extra_shard(self, name: str, i: int) -> Path:
+        return self.path / f"{name}-{i:05d}.parquet"
 
     def finish(self, num_shards: int, summary: dict) -> None:
         write_json({"num_shards": num_shards, **summary}, self.path / "_complete.json")
@@ -125,8 +134,11 @@ class StageDir:
         return pa.concat_tables([t for _, t in self.iter_shards()])
 
     def read_rejected(self) -> pa.Table:
-        parts = [pq.read_table(p) for p in sorted(self.path.glob("rejected-*.parquet"))]
+        parts = [pq.read_table(p) for p in self.rejected_files()]
         return pa.concat_tables(parts) if parts else schema.table([], schema.REJECTED)
+
+    def rejected_files(self) -> list[Path]:
+        return sorted(self.path.glob("rejected-*.parquet"))
 
     def shard_stats(self) -> list[dict]:
         return [read_json(p) for p in sorted(self.path.glob("shard-*.done"))]
@@ -134,3 +146,101 @@ class StageDir:
 
 def count_reasons(rejected: pa.Table) -> dict[str, int]:
     return dict(Counter(rejected.column("drop_reason").to_pylist())) if rejected.num_rows else {}
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """dst as a hard link to src (no bytes copied), or a copy where links are not possible."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def iter_rows(path: Path, batch_rows: int = 64) -> Iterator[dict]:
+    """A Parquet file's rows as dicts, a batch at a time (memory: one row group)."""
+    f = pq.ParquetFile(path)
+    for batch in f.iter_batches(batch_size=batch_rows):
+        yield from batch.to_pylist()
+
+
+class ShardedWriter:
+    """Rows into `dir/<prefix>-NNNNN.parquet` files of `rows_per_file` rows, written a row group at a
+    time (memory: one row group). Files land in a temp dir, swapped into place by `commit`."""
+
+    def __init__(self, path: Path, prefix: str, table_schema: pa.Schema, rows_per_file: int,
+                 index_column: str | None = None, row_group: int = 256):
+        self.path, self.prefix, self.schema = Path(path), prefix, table_schema
+        self.rows_per_file, self.row_group, self.index_column = max(1, rows_per_file), row_group, index_column
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.index: list[dict] = []
+        self._writer, self._buf, self._rows = None, [], 0
+
+    def write(self, row: dict) -> None:
+        if self._writer is None:
+            name = f"{self.prefix}-{len(self.index):05d}.parquet"
+            self._writer = pq.ParquetWriter(self.tmp / name, self.schema)
+            self.index.append({"file": f"{self.path.name}/{name}", "rows": 0})
+            self._rows = 0
+        self._buf.append(row)
+        entry = self.index[-1]
+        entry["rows"] += 1
+        if self.index_column is not None:
+            v = row[self.index_column]
+            entry[f"{self.index_column}_min"] = min(entry.get(f"{self.index_column}_min", v), v)
+            entry[f"{self.index_column}_max"] = max(entry.get(f"{self.index_column}_max", v), v)
+        self._rows += 1
+        if len(self._buf) >= self.row_group or self._rows >= self.rows_per_file:
+            self._flush()
+        if self._rows >= self.rows_per_file:
+            self._writer.close()
+            self._writer = None
+
+    def _flush(self) -> None:
+        if self._buf:
+            self._writer.write_table(pa.Table.from_pylist(self._buf, schema=self.schema))
+            self._buf = []
+
+    def commit(self) -> list[dict]:
+        """Close the last file (an empty output still gets one empty file) and swap the dir in."""
+        if self._writer is None and not self.index:
+            name = f"{self.prefix}-00000.parquet"
+            pq.write_table(self.schema.empty_table(), self.tmp / name)
+            self.index.append({"file": f"{self.path.name}/{name}", "rows": 0})
+        if self._writer is not None:
+            self._flush()
+            self._writer.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.tmp.rename(self.path)
+        return self.index
+
+
+def merge_sorted(files: list[Path], key, sink: Callable[[dict], None], scratch: Path, fan_in: int = 64) -> None:
+    """Merge Parquet files each sorted by `key` into one sorted stream of rows to `sink`.
+    At most `fan_in` files are open at once (memory: fan_in row groups); more files are
+    first merged in groups into runs under `scratch` (an external merge sort). Equal keys
+    keep file order, then row order."""
+    files = list(files)
+    level = 0
+    while len(files) > fan_in:
+        runs = []
+        for g in range(0, len(files), fan_in):
+            run = Path(scratch) / f"run-{level}-{g // fan_in:05d}.parquet"
+            run.parent.mkdir(parents=True, exist_ok=True)
+            group = files[g: g + fan_in]
+            with pq.ParquetWriter(run, pq.read_schema(group[0])) as w:
+                buf = []
+                for row in heapq.merge(*(iter_rows(f) for f in group), key=key):
+                    buf.append(row)
+                    if len(buf) >= 256:
+                        w.write_table(pa.Table.from_pylist(buf, schema=w.schema))
+                        buf = []
+                if buf:
+                    w.write_table(pa.Table.from_pylist(buf, schema=w.schema))
+            runs.append(run)
+        files, level = runs, level + 1
+    for row in heapq.merge(*(iter_rows(f) for f in files), key=key):
+        sink(row)
+    shutil.rmtree(scratch, ignore_errors=True)

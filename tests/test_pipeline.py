@@ -45,7 +45,7 @@ def test_pairs_and_rejected_account_for_every_trace(full_run):
     assert pairs.num_rows > 20
     assert set(pairs.column_names) >= {"prompt", "chosen", "rejected", "chosen_trace_id", "rejected_trace_id"}
     assert all(c != r for c, r in zip(pairs["chosen_trace_id"], pairs["rejected_trace_id"]))
-    rejected = pq.read_table(out / "rejected" / "curate.parquet").to_pylist()
+    rejected = pq.read_table(out / "rejected" / "curate").to_pylist()
     curriculum_rows = sum(s["rows"] for s in manifest["curriculum"])
     assert curriculum_rows + len(rejected) == 800  # nothing disappears
     reasons = {r["drop_reason"] for r in rejected}

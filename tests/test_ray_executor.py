@@ -25,7 +25,7 @@ def products(run) -> dict:
         "pairs": [(r["problem_id"], r["chosen_trace_id"], r["rejected_trace_id"], r["rejected_verdict"])
                   for r in read("pairs/*.parquet")],
         "verdicts": [(r["trace_id"], r["verdict"], r["text"]) for r in graded],
-        "rejected": sorted((r["stage"], r["drop_reason"], r["trace_id"] or r["problem_id"]) for r in read("rejected/*.parquet")),
+        "rejected": sorted((r["stage"], r["drop_reason"], r["trace_id"] or r["problem_id"]) for r in read("rejected/*/*.parquet")),
     }
 
 

@@ -114,7 +114,7 @@ def test_rewrite_dedup_decontam_in_a_recipe(tmp_path, engine, rewriter, teacher_
     rows = stage.to_pylist()
     originals = {r["problem_id"]: r for r in rows if r["origin"] == "original"}
     rewrites = [r for r in rows if r["origin"] != "original"]
-    rejected = [(r["drop_reason"], json.loads(r["record"])) for r in pq.read_table(run / "rejected" / "rewrite.parquet").to_pylist()]
+    rejected = [(r["drop_reason"], json.loads(r["record"])) for r in pq.read_table(run / "rejected" / "rewrite").to_pylist()]
     assert len(originals) == 24
 
     # every accepted rewrite: a parent among the originals, its split, and the check's outcome on the row

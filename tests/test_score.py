@@ -82,7 +82,7 @@ def test_pipeline_with_a_score_stage(tmp_path, full_run, prm_dir, teacher_dir, p
     files = [out / s["file"] for s in manifest["curriculum"]]
     cur = pq.ParquetDataset(files).read().to_pylist()
     assert cur and all(r["prm_mean"] >= threshold and len(r["prm_step_scores"]) == r["prm_num_steps"] for r in cur)
-    rejected = pq.read_table(out / "rejected" / "curate.parquet").to_pylist()
+    rejected = pq.read_table(out / "rejected" / "curate").to_pylist()
     below = [r for r in rejected if r["drop_reason"] == "prm_below_threshold"]
     assert len(below) == sum(m < threshold for m in means) > 0
     assert all("prm_mean=" in r["detail"] for r in below)

@@ -94,7 +94,7 @@ def test_transient_failures_retried_permanent_ones_recorded(tmp_path, flaky, tea
                                                      "n_per_request": n_per_request, "max_concurrency": 4})
     manifest = pipeline.run(load(data), log=lambda m: None)
     k = data["rollout"]["num_traces"]
-    rejected = pq.read_table(tmp_path / "run" / "rejected" / "rollout.parquet").to_pylist()
+    rejected = pq.read_table(tmp_path / "run" / "rejected" / "rollout").to_pylist()
     failed = [r for r in rejected if r["drop_reason"] == "request_failed"]
     # the permanent failure: all K samples of "4 + 6", each with the server's error, none as a trace
     assert {r["problem_id"] for r in failed} == {json.loads(failed[0]["record"])["problem_id"]}

@@ -1,0 +1,171 @@
+"""Continuous rollout: every pending shard's problems through one `Engine.stream`.
+
+    rollout_shards(out_stage, in_stage, pending_shards, rollout_config, engine)
+
+One engine call per shard waits for the shard's slowest trace before the next shard starts,
+and reasoning traces are heavy-tailed, so the teacher idles at every boundary. Here requests
+flow without boundaries: the engine keeps `window` sequences in flight and pulls the next
+problem (of this shard or the next) as soon as one finishes.
+
+Durability is per problem. When a problem's K samples are in, they are appended to
+`stages/rollout/shard-NNNNN.partial.jsonl` (flushed at once, fsynced at most every second;
+a SIGKILL loses nothing flushed). When every problem of a shard is in, the shard is
+*sealed*: its traces are built from the partial file exactly as `rollout_table` builds them
+(same ids, same order), written with its done marker, and the partial file is removed. A
+re-run reads the partial files of unsealed shards and sends only the problems missing there.
+
+Memory on the driver is bounded by the window (texts in flight), the open shards' problem
+rows, and one shard's traces while it is sealed, never by the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from factory import schema, store
+from factory.engine import Completion, Engine, Request
+from factory.rollout import Prepared, RolloutConfig, prepare, sampling_key, trace_rows, traces_table
+
+
+class PartialLog:
+    """A shard's finished problems, one JSON line each: {"problem_id", "completions": [...]}."""
+
+    FSYNC_EVERY_S = 1.0
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = None
+        self._synced = time.monotonic()
+
+    def read(self) -> dict[str, list[Completion]]:
+        """Problems already durable (a line cut by a kill is ignored: that problem is re-sent)."""
+        done = {}
+        if self.path.exists():
+            with open(self.path, "rb") as f:
+                for line in f:
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    done.setdefault(r["problem_id"], [Completion(*c) for c in r["completions"]])
+        return done
+
+    def append(self, problem_id: str, completions: list[Completion]) -> None:
+        if self._f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "ab")
+            if self._f.tell():  # a cut line from a killed run must not swallow this one
+                self._f.write(b"\n")
+        rec = {"problem_id": problem_id,
+               "completions": [[c.text, c.num_tokens, c.finish_reason, c.error, c.max_tokens] for c in completions]}
+        self._f.write(json.dumps(rec, ensure_ascii=False).encode() + b"\n")
+        self._f.flush()
+        if time.monotonic() - self._synced > self.FSYNC_EVERY_S:
+            os.fsync(self._f.fileno())
+            self._synced = time.monotonic()
+
+    def close(self) -> None:
+        if self._f is not None:
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self._f = None
+
+    def remove(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class OpenShard:
+    index: int
+    requests: list[Prepared]
+    rejected: list[dict]  # prompt_too_long, known before anything is sent
+    shrunk: int
+    rows_in: int
+    schema: object
+    log: PartialLog
+    waiting: set[str] = field(default_factory=set)  # problem ids not yet durable
+    submitted: bool = False  # every request of the shard has been handed to the engine
+
+
+class ContinuousRollout:
+    """Streams the pending shards of `upstream` through `engine` into stage dir `sd`."""
+
+    def __init__(self, sd: store.StageDir, upstream: store.StageDir, cfg: RolloutConfig, engine: Engine,
+                 window: int | None = None, on_seal: Callable[[int, dict], None] | None = None):
+        self.sd, self.up, self.cfg, self.engine, self.window = sd, upstream, cfg, engine, window
+        self.on_seal = on_seal or (lambda i, stats: None)
+        self.key = sampling_key(cfg, engine.model_name)
+        self.open: dict[int, OpenShard] = {}
+        self._clock, self._cpu = time.perf_counter(), time.process_time()
+
+    def partial(self, i: int) -> PartialLog:
+        return PartialLog(self.sd.shard(i).with_suffix(".partial.jsonl"))
+
+    def requests(self, shards: list[int]) -> Iterator[Request]:
+        """Pulled by the engine as it has room: opens shards one at a time, in order."""
+        for i in shards:
+            table = self.up.read_shard(i)
+            fits, rejected, shrunk = prepare(table.to_pylist(), self.cfg, self.engine)
+            log = self.partial(i)
+            durable = log.read()
+            shard = self.open[i] = OpenShard(i, fits, rejected, shrunk, table.num_rows, table.schema, log)
+            del table
+            shard.waiting = {p.row["problem_id"] for p in fits} - durable.keys()
+            del durable
+            for p in fits:
+                if p.row["problem_id"] in shard.waiting:
+                    yield Request((i, p.row["problem_id"]), p.ids, p.sampling)
+            shard.submitted = True
+            if not shard.waiting:  # everything was durable already (or nothing fits)
+                self.seal(shard)
+
+    def run(self, shards: list[int]) -> None:
+        try:
+            for (i, pid), completions in self.engine.stream(self.requests(shards), self.window):
+                shard = self.open[i]
+                shard.log.append(pid, completions)
+                shard.waiting.discard(pid)
+                if shard.submitted and not shard.waiting:
+                    self.seal(shard)
+        finally:
+            for shard in self.open.values():
+                shard.log.close()
+        if self.open:
+            raise RuntimeError(f"rollout: shards {sorted(self.open)} still have problems without traces")
+
+    def seal(self, shard: OpenShard) -> None:
+        """Build the shard's traces from its partial file, in problem order, and write it whole."""
+        shard.log.close()
+        got = shard.log.read()
+        traces, rejected, tokens = [], list(shard.rejected), 0
+        for p in shard.requests:
+            t, r, n = trace_rows(p, got[p.row["problem_id"]], self.key, self.engine.model_name)
+            traces += t
+            rejected += r
+            tokens += n
+        out = traces_table(traces, shard.schema)
+        del traces, got
+        now, cpu = time.perf_counter(), time.process_time()
+        # the stream's time and driver CPU since the previous seal: summed over shards they are the stage's
+        stats = {"generated_tokens": tokens, "generate_seconds": now - self._clock, "budget_shrunk": shard.shrunk,
+                 "driver_cpu_seconds": cpu - self._cpu, "rows_in": shard.rows_in, "rows_out": out.num_rows,
+                 "dropped": store.count_reasons(schema.table(rejected, schema.REJECTED)), "seconds": now - self._clock}
+        self._clock, self._cpu = now, cpu
+        self.sd.write_shard(shard.index, out, schema.table(rejected, schema.REJECTED), stats)
+        shard.log.remove()
+        del self.open[shard.index]
+        self.on_seal(shard.index, stats)
+
+
+def rollout_shards(sd: store.StageDir, upstream: store.StageDir, shards: list[int], cfg: RolloutConfig,
+                   engine: Engine, window: int | None = None,
+                   on_seal: Callable[[int, dict], None] | None = None) -> None:
+    """Roll out `shards` of `upstream` into `sd` continuously; returns when all are sealed."""
+    if shards:
+        ContinuousRollout(sd, upstream, cfg, engine, window, on_seal).run(shards)

@@ -1,0 +1,166 @@
+"""A simulated reasoning teacher behind an OpenAI-compatible completions API, on loopback.
+
+    python -m factory.simserver --port 8765 --slots 256 --rate 2000 --median 3000 --sigma 0.8
+
+It behaves like a GPU running vLLM for what decides a batch job's throughput, and nothing
+else: a fixed number of sequence slots (vLLM's max_num_seqs), a constant decode rate per
+slot, and R1-like trace lengths (lognormal with the given median and sigma, capped by the
+request's max_tokens). A request with n samples becomes n sequences that each wait for a
+free slot, hold it for length / rate seconds, and release it; the HTTP answer comes when all
+n are done, as vLLM's does. Sequence i of a request seeded s is the sequence of a request
+with n=1 seeded s+i (vLLM's parallel sampling gives child i the seed s+i), so both ways of
+asking give the same traces.
+
+Texts are R1-shaped: `<think>` with ~4 bytes per token of varied words, `</think>`, and a
+boxed answer that is right with a per-problem probability (the problem's "a + b" is read
+from the prompt). A trace capped by max_tokens stops inside its reasoning (finish "length").
+Requests whose prompt + max_tokens exceed --max-model-len get vLLM's 400 error.
+
+GET /sim/stats gives busy slot-seconds and the window from the first request to the last
+answer, so a client can compute utilization = busy / (slots x window); POST /sim/reset
+clears them. Everything is deterministic in (prompt, seed), so two runs give equal products.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import math
+import random
+import re
+import time
+
+WORDS = ("so the running total is then we add carry the digit check again subtract multiply wait "
+         "let me verify this step first note that since therefore hence which gives us value").split()
+
+
+def _unit(*parts) -> float:
+    """A deterministic number in [0, 1) from the parts."""
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64
+
+
+class Teacher:
+    def __init__(self, slots: int, rate: float, median: float, sigma: float, max_model_len: int,
+                 corpus_bytes: int = 1 << 20):
+        self.slots, self.rate, self.median, self.sigma = slots, rate, median, sigma
+        self.max_model_len = max_model_len
+        rng = random.Random(0)
+        text = " ".join(rng.choice(WORDS) for _ in range(corpus_bytes // 5))
+        self.corpus = text + text  # a slice at any offset < len(text) has len(text) chars
+        self.half = len(text)
+        self.reset()
+
+    def reset(self) -> None:
+        self.gate = asyncio.Semaphore(self.slots)
+        self.busy = 0.0
+        self.active = self.peak = 0
+        self.first = self.last = None
+        self.sequences = self.requests = self.tokens = 0
+
+    def sequence(self, prompt: str, seed: int, max_tokens: int) -> tuple[str, int, str]:
+        """(text, tokens, finish_reason) of the sequence seeded `seed` for `prompt`."""
+        u1, u2 = _unit(prompt, seed, "a"), _unit(prompt, seed, "b")
+        z = math.sqrt(-2 * math.log(1 - u1)) * math.cos(2 * math.pi * u2)  # Box-Muller
+        want = max(16, int(self.median * math.exp(self.sigma * z)))
+        tokens = min(want, max_tokens)
+        offset = int(_unit(prompt, seed, "offset") * self.half)
+        if want > max_tokens:  # cut inside the reasoning
+            return "<think>\n" + self.corpus[offset: offset + max(0, 4 * tokens - 8)], tokens, "length"
+        m = re.findall(r"(\d+) \+ (\d+)", prompt)
+        truth = int(m[-1][0]) + int(m[-1][1]) if m else 0
+        right = _unit(prompt, seed, "right") < _unit(prompt, "p")  # per-problem pass rate
+        tail = f"\n</think>\n\nThe answer is $\\boxed{{{truth if right else truth + 1}}}$."
+        body = self.corpus[offset: offset + max(0, 4 * tokens - 8 - len(tail))]
+        return "<think>\n" + body + tail, tokens, "stop"
+
+    async def run_sequence(self, prompt: str, seed: int, max_tokens: int) -> tuple[str, int, str]:
+        text, tokens, finish = self.sequence(prompt, seed, max_tokens)
+        async with self.gate:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            t0 = time.monotonic()
+            await asyncio.sleep(tokens / self.rate)
+            self.busy += time.monotonic() - t0
+            self.active -= 1
+        self.sequences += 1
+        self.tokens += tokens
+        return text, tokens, finish
+
+    def stats(self) -> dict:
+        window = (self.last - self.first) if self.first is not None and self.last is not None else 0.0
+        return {"slots": self.slots, "busy_slot_seconds": self.busy, "window_seconds": window,
+                "utilization": self.busy / (self.slots * window) if window else 0.0, "peak_active": self.peak,
+                "sequences": self.sequences, "requests": self.requests, "tokens": self.tokens}
+
+
+def make_app(teacher: Teacher):
+    from aiohttp import web
+
+    async def completions(request: web.Request) -> web.Response:
+        now = time.monotonic()
+        teacher.first = now if teacher.first is None else teacher.first
+        teacher.requests += 1
+        body = await request.json()
+        prompt, n = body["prompt"], int(body.get("n") or 1)
+        max_tokens = int(body.get("max_tokens") or 16)
+        prompt_tokens = max(1, len(prompt) // 4)
+        if prompt_tokens + max_tokens > teacher.max_model_len:
+            msg = (f"This model's maximum context length is {teacher.max_model_len} tokens. However, you requested "
+                   f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+                   f"completion). Please reduce the length of the messages or completion.")
+            return web.json_response({"error": {"message": msg, "type": "BadRequestError", "code": 400}}, status=400)
+        seed = body.get("seed")
+        seed = int(seed) if seed is not None else random.getrandbits(31)
+        outs = await asyncio.gather(*(teacher.run_sequence(prompt, seed + i, max_tokens) for i in range(n)))
+        teacher.last = time.monotonic()
+        return web.json_response({
+            "id": f"cmpl-{teacher.requests}", "object": "text_completion", "created": int(time.time()),
+            "model": body.get("model", "sim"),
+            "choices": [{"index": i, "text": t, "finish_reason": f, "logprobs": None} for i, (t, _, f) in enumerate(outs)],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": sum(k for _, k, _ in outs),
+                      "total_tokens": prompt_tokens + sum(k for _, k, _ in outs)},
+        })
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response(teacher.stats())
+
+    async def reset(request: web.Request) -> web.Response:
+        teacher.reset()
+        return web.json_response({"ok": True})
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "sim", "object": "model"}]})
+
+    app = web.Application(client_max_size=64 << 20)
+    app.add_routes([web.post("/v1/completions", completions), web.get("/sim/stats", stats),
+                    web.post("/sim/reset", reset), web.get("/v1/models", models)])
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--slots", type=int, default=256, help="sequences decoded at once (vLLM's max_num_seqs)")
+    p.add_argument("--rate", type=float, default=2000.0, help="tokens per second per slot")
+    p.add_argument("--median", type=float, default=3000.0, help="median trace length in tokens")
+    p.add_argument("--sigma", type=float, default=0.8, help="lognormal sigma of trace lengths")
+    p.add_argument("--max-model-len", type=int, default=40960)
+    a = p.parse_args(argv)
+    from aiohttp import web
+
+    async def serve():
+        teacher = Teacher(a.slots, a.rate, a.median, a.sigma, a.max_model_len)
+        runner = web.AppRunner(make_app(teacher), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, a.host, a.port, backlog=4096).start()
+        print(f"simulated teacher on http://{a.host}:{a.port}/v1 ({a.slots} slots x {a.rate:g} tok/s)", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
