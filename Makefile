@@ -6,10 +6,11 @@
 # make test      the test suite (what CI runs)
 # make bench     rollout throughput vs raw vllm.LLM.generate
 # make bench-dedup  dedup of 100k questions (exact + MinHash LSH)
+# make bench-fleet  factory run against a simulated 256-slot teacher server (utilization, driver CPU, RSS)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install install-gpu demo toy toy-rewrite demo-models test bench bench-dedup
+.PHONY: install install-gpu demo toy toy-rewrite demo-models test bench bench-dedup bench-fleet
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -50,3 +51,6 @@ bench: install
 
 bench-dedup: install
 	$(PY) benchmarks/dedup_throughput.py
+
+bench-fleet: install
+	$(PY) benchmarks/fleet.py

@@ -81,7 +81,7 @@ def recipe(out: Path, problems: Path, port: int, args) -> Path:
     data = {
         "run": {"output_dir": str(out), "progress": False},
         "engine": {"backend": "server", "model": "sim", "max_model_len": args.max_tokens + 1024, "server": server},
-        "ingest": {"paths": [str(problems)], "domain": "numeric", "problems_per_shard": args.shard},
+        "ingest": {"paths": [str(problems)], "default_domain": "numeric", "problems_per_shard": args.shard},
         "rollout": {"num_traces": args.k, "max_tokens": args.max_tokens, "question_template": "{question}"},
         "grade": {"workers": 1},
         "curate": {"max_traces_per_problem": 2},

@@ -7,12 +7,14 @@ and reasoning traces are heavy-tailed, so the teacher idles at every boundary. H
 flow without boundaries: the engine keeps `window` sequences in flight and pulls the next
 problem (of this shard or the next) as soon as one finishes.
 
-Durability is per problem. When a problem's K samples are in, they are appended to
+Durability is per problem. When a problem's K samples are in (or its request failed after
+the client's retries), they are appended to
 `stages/rollout/shard-NNNNN.partial.jsonl` (flushed at once, fsynced at most every second;
 a SIGKILL loses nothing flushed). When every problem of a shard is in, the shard is
 *sealed*: its traces are built from the partial file exactly as `rollout_table` builds them
 (same ids, same order), written with its done marker, and the partial file is removed. A
-re-run reads the partial files of unsealed shards and sends only the problems missing there.
+re-run reads the partial files of unsealed shards and sends only the problems missing there
+or whose request failed; a sealed shard is final (its failures are `request_failed` rows).
 
 Memory on the driver is bounded by the window (texts in flight), the open shards' problem
 rows, and one shard's traces while it is sealed, never by the run.
@@ -42,8 +44,10 @@ class PartialLog:
         self._f = None
         self._synced = time.monotonic()
 
-    def read(self) -> dict[str, list[Completion]]:
-        """Problems already durable (a line cut by a kill is ignored: that problem is re-sent)."""
+    def read(self, with_failures: bool = True) -> dict[str, list[Completion]]:
+        """Problems already in the file (a line cut by a kill is ignored: that problem is re-sent).
+        A problem with a failed request is left out when `with_failures` is false (a resumed run
+        tries it again) and replaced by a later line that has no failure."""
         done = {}
         if self.path.exists():
             with open(self.path, "rb") as f:
@@ -52,7 +56,11 @@ class PartialLog:
                         r = json.loads(line)
                     except json.JSONDecodeError:
                         continue
-                    done.setdefault(r["problem_id"], [Completion(*c) for c in r["completions"]])
+                    got = [Completion(*c) for c in r["completions"]]
+                    failed = any(c.error is not None for c in got)
+                    old = done.get(r["problem_id"])
+                    if (old is None or any(c.error is not None for c in old)) and (with_failures or not failed):
+                        done[r["problem_id"]] = got
         return done
 
     def append(self, problem_id: str, completions: list[Completion]) -> None:
@@ -113,7 +121,7 @@ class ContinuousRollout:
             table = self.up.read_shard(i)
             fits, rejected, shrunk = prepare(table.to_pylist(), self.cfg, self.engine)
             log = self.partial(i)
-            durable = log.read()
+            durable = log.read(with_failures=False)
             shard = self.open[i] = OpenShard(i, fits, rejected, shrunk, table.num_rows, table.schema, log)
             del table
             shard.waiting = {p.row["problem_id"] for p in fits} - durable.keys()

@@ -101,7 +101,8 @@ class EngineConfig:
     model: str = ""
     """Local model directory (or hub name where the hub is reachable); with backend: server, the served model's name."""
     dtype: str = "auto"
-    """Weights and activations dtype; on CPU vLLM runs float32 checkpoints as bfloat16."""
+    """Weights and activations dtype. auto: the checkpoint's on GPUs and on CPUs with native bf16
+    (where vLLM runs float32 checkpoints as bfloat16); float32 on CPUs without it (resolve_dtype)."""
     max_model_len: int = 4096
     """Prompt + completion tokens per sequence; long-CoT teachers want 32768."""
     gpu_memory_utilization: float = 0.9

@@ -353,6 +353,8 @@ class Runner:
         stages["curate"] = store.StageDir(self.run_dir, "curate")
         link_rejected(self.run_dir / "rejected", stages)
         manifest = build_manifest(self.recipe, stages, time.perf_counter() - t0)
+        if getattr(self._engine, "dtype", None):  # the in-process engine's resolved dtype, and why
+            manifest["engine"] = {"dtype": self._engine.dtype, "dtype_reason": self._engine.dtype_reason}
         store.write_json(manifest, self.run_dir / "manifest.json")
         return manifest
 

@@ -90,6 +90,13 @@ def test_partial_log_survives_a_cut_line(tmp_path):
     log.close()
     got = log.read()
     assert set(got) == {"a", "c"} and got["c"][0] == Completion("y", 2, "length", None, 7)
+    # a failed request: durable for sealing, re-sent by a resumed run, replaced when it succeeds
+    log.append("d", [Completion("", 0, "error", "HTTP 500")])
+    log.close()
+    assert "d" in log.read() and "d" not in log.read(with_failures=False)
+    log.append("d", [Completion("z", 3, "stop")])
+    log.close()
+    assert log.read()["d"][0].text == "z" and log.read(with_failures=False)["d"][0].text == "z"
 
 
 def test_merge_sorted_bounds_its_open_files(tmp_path):
@@ -191,3 +198,26 @@ def test_sigkill_at_random_moments_resumes_to_the_same_products(sim, tmp_path):
         assert got[name] == expected[name], name
     trace_ids = [r["trace_id"] for r in store.StageDir(out, "rollout").read().to_pylist()]
     assert len(trace_ids) == len(set(trace_ids)) == 60 * 4
+
+
+def test_server_generate_journals_and_resends_nothing_twice(sim, tmp_path):
+    """`generate` (rewrite, PRM labels) journals every sample; a new engine on the same journal
+    (a resumed run) answers from it without sending; a cut last line is re-sent, not misread."""
+    from factory.engine import Sampling
+
+    cfg = EngineConfig(backend="server", model="sim", max_model_len=2048,
+                       server=ServerConfig(base_url=sim + "/v1", tokenizer=str(TOKENIZER)))
+    prompts, sampling = ["What is 2 + 3?", "What is 4 + 4?"], [Sampling(n=3, max_tokens=300, seed=s) for s in (1, 2)]
+    first = make_engine(cfg, tmp_path)
+    got = first.generate(prompts, sampling)
+    first.close()
+    assert first.sent == 6 and all(c.error is None and c.text for outs in got for c in outs)
+    journal = tmp_path / "server_journal.jsonl"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    again = make_engine(cfg, tmp_path)
+    assert again.generate(prompts, sampling) == got and again.sent == 0
+    again.close()
+    journal.write_bytes(b"".join(lines[:-1]) + lines[-1][:20])  # a kill in the middle of the last line
+    third = make_engine(cfg, tmp_path)
+    assert third.generate(prompts, sampling) == got and third.sent == 1
+    third.close()

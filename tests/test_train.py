@@ -192,7 +192,7 @@ def test_dpo_on_the_pipeline_pairs_from_the_sft_output(tmp_path, sft_sorted, ful
     out = tmp_path / "dpo"
     report = train.train("dpo", dpo_recipe(out, full_run[0], policy))
     assert report["ref_model"] == str(policy)
-    pairs = pq.read_table(full_run[0] / "pairs" / "pairs-00000.parquet")
+    pairs = pq.read_table(full_run[0] / "pairs")  # every pairs-*.parquet shard
     assert sorted(seen(out, "chosen_trace_id")) == sorted(pairs.column("chosen_trace_id").to_pylist())
     before = AutoModelForCausalLM.from_pretrained(policy)
     after = AutoModelForCausalLM.from_pretrained(out)
