@@ -124,7 +124,7 @@ def factory_side(args, port: int, work: Path, n: int) -> dict:
 def ray_side(args, port: int, n: int) -> dict:
     """Ray Data LLM's HTTP request processor against the same server: K rows of n=1 per problem."""
     import ray
-    from ray.data.llm import HttpRequestProcessorConfig, build_llm_processor
+    from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
     http(f"http://127.0.0.1:{port}/sim/reset", b"")
     rng = random.Random(0)
@@ -134,9 +134,13 @@ def ray_side(args, port: int, n: int) -> dict:
         for k in range(args.k):
             rows.append({"prompt": f"Problem {i}: what is {a} + {b}?", "seed": 1000 * i + k})
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # `concurrency` is Ray's actor count; each actor sends a batch's requests one after another
+    # (ray/llm/_internal/batch/stages/http_request_stage.py), so actors x batches in flight per
+    # actor is what keeps the server's slots fed; 0.1 CPU each lets them all fit on this machine
     config = HttpRequestProcessorConfig(url=f"http://127.0.0.1:{port}/v1/completions", qps=None,
-                                        batch_size=args.ray_batch, concurrency=1)
-    proc = build_llm_processor(
+                                        batch_size=args.ray_batch, concurrency=args.ray_actors,
+                                        http_request_stage={"num_cpus": 0.1})
+    proc = build_processor(
         config,
         preprocess=lambda r: {"payload": {"model": "sim", "prompt": r["prompt"], "max_tokens": args.max_tokens,
                                           "seed": int(r["seed"]), "n": 1}},
@@ -161,7 +165,8 @@ def main() -> None:
     ap.add_argument("--shard", type=int, default=256, help="ingest.problems_per_shard")
     ap.add_argument("--concurrency", type=int, default=None, help="engine.server.max_concurrency (default: the project's)")
     ap.add_argument("--ray", action="store_true", help="also run Ray Data LLM's HTTP processor")
-    ap.add_argument("--ray-batch", type=int, default=64)
+    ap.add_argument("--ray-batch", type=int, default=64, help="Ray Data LLM's batch_size (its default)")
+    ap.add_argument("--ray-actors", type=int, default=16, help="Ray Data LLM's concurrency (HTTP actors)")
     ap.add_argument("--memory", action="store_true", help="peak RSS at N and 10N problems")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fleet-"))
@@ -192,7 +197,7 @@ def main() -> None:
             sim = r["sim"]
             print(f"ray.data.llm {args.problems:>3} problems x {args.k}: utilization {sim['utilization']:.3f} "
                   f"(window {sim['window_seconds']:.1f} s), {r['traces'] / max(sim['window_seconds'], 1e-9):.1f} traces/s "
-                  f"(wall {r['wall']:.1f} s, batch_size {args.ray_batch})")
+                  f"(wall {r['wall']:.1f} s, batch_size {args.ray_batch}, {args.ray_actors} actors)")
     finally:
         server.terminate()
         server.wait()
