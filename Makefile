@@ -41,7 +41,7 @@ toy-rewrite: install
 	$(VENV)/bin/factory inspect runs/toy_rewrite
 
 demo-models: install
-	$(PY) -m factory.demo_build data/demo
+	$(PY) -m factory.demo.build data/demo
 
 test: install
 	$(PY) -m pytest -q

@@ -16,7 +16,7 @@ import random
 import time
 
 from factory import schema
-from factory.dedup import DedupConfig, dedup_table
+from factory.stages.dedup import DedupConfig, dedup_table
 
 
 def make_questions(n: int, dup_share: float, seed: int = 0) -> tuple[list[dict], set[int]]:

@@ -4,7 +4,7 @@
     python benchmarks/fleet.py --ray                   # + Ray Data LLM's HTTP processor on the same server
     python benchmarks/fleet.py --memory --problems 800 # peak RSS of the whole run at N and 10N problems
 
-The teacher is `factory.simserver` in its own process: `--slots` sequence slots decoding
+The teacher is `factory.engines.simserver` in its own process: `--slots` sequence slots decoding
 `--rate` tokens/s each, lognormal trace lengths (median `--median`, sigma `--sigma`, capped
 at `--max-tokens`), ~4 bytes of text per token, a boxed answer that is right with a
 per-problem probability. The factory runs the recipe it writes (server backend, the
@@ -52,7 +52,7 @@ def http(url: str, data: bytes | None = None) -> dict:
 
 
 def start_server(args, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "factory.simserver", "--port", str(port), "--slots", str(args.slots),
+    cmd = [sys.executable, "-m", "factory.engines.simserver", "--port", str(port), "--slots", str(args.slots),
            "--rate", str(args.rate), "--median", str(args.median), "--sigma", str(args.sigma),
            "--max-model-len", str(args.max_tokens + 1024)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -9,7 +9,7 @@ ignores EOS and gets its own budget, drawn lognormal (median `--median` tokens, 
 
 - all at once: one `LLM.generate` over every request (the ceiling: vLLM schedules all);
 - per shard:   one engine call per shard (`rollout_table`, what the pipeline did before);
-- continuous:  the pipeline's rollout (`factory.continuous`) streaming every shard through
+- continuous:  the pipeline's rollout (`factory.run.continuous`) streaming every shard through
                one engine, writing shards and partial files as it goes.
 
 Prints tokens/s of each per round and the median per-round ratios to all-at-once. The CPU and
@@ -28,9 +28,10 @@ import time
 from pathlib import Path
 
 from factory import schema, store, tiny
-from factory.continuous import rollout_shards
-from factory.engine import EngineConfig, VLLMEngine
-from factory.rollout import RolloutConfig, request_seed, rollout_table
+from factory.run.continuous import rollout_shards
+from factory.engines import EngineConfig
+from factory.engines.inprocess import VLLMEngine
+from factory.stages.rollout import RolloutConfig, request_seed, rollout_table
 
 
 class ForcedLengths(VLLMEngine):
@@ -76,7 +77,7 @@ def main() -> None:
                            schema.table([], schema.REJECTED), {})
     ingest.finish(n_shards, {})
     prompts = [engine.tokenize([engine.apply_chat_template([{"role": "user", "content": r["question"]}])])[0] for r in rows]
-    from factory.engine import Sampling
+    from factory.engines import Sampling
 
     sampling = [Sampling(n=8, temperature=1.0, top_p=1.0, max_tokens=args.cap, seed=request_seed(cfg.seed, r["problem_id"]))
                 for r in rows]

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 from factory import schema, store, tiny
-from factory.engine import EngineConfig, Sampling, VLLMEngine
-from factory.rollout import RolloutConfig, request_seed, rollout_table
+from factory.engines import EngineConfig, Sampling
+from factory.engines.inprocess import VLLMEngine
+from factory.stages.rollout import RolloutConfig, request_seed, rollout_table
 
 
 def main() -> None:

@@ -18,52 +18,8 @@ import sys
 from pathlib import Path
 
 from factory.config import ConfigError
-from factory.ingest import IngestError
-
-
-def summary(manifest: dict) -> str:
-    lines = [f"{'stage':<10}{'in':>9}{'out':>9}{'seconds':>10}  dropped / notes"]
-    for name, s in manifest["stages"].items():
-        notes = ", ".join(f"{k}={v}" for k, v in sorted(s["dropped"].items()))
-        if "tokens_per_s" in s:
-            notes = f"{s['generated_tokens']} tokens at {s['tokens_per_s']:.0f} tok/s" + (f"; {notes}" if notes else "")
-        if "verdicts" in s:
-            notes = ", ".join(f"{k}={v}" for k, v in sorted(s["verdicts"].items()))
-        if "prm_status" in s:
-            notes = "prm_status: " + ", ".join(f"{k}={v}" for k, v in sorted(s["prm_status"].items()))
-        if "pairs" in s:
-            notes = f"pairs={s['pairs']}; " + notes
-        lines.append(f"{name:<10}{s['in']:>9}{s['out']:>9}{s['seconds']:>10.1f}  {notes}")
-    return "\n".join(lines)
-
-
-def histogram(run_dir: Path, bins: int = 8) -> str:
-    import pyarrow.parquet as pq
-
-    path = run_dir / "difficulty.parquet"
-    if not path.exists():
-        return "(no difficulty.parquet yet: the run has not reached curate)"
-    rates = pq.read_table(path).column("pass_rate").to_pylist()
-    if not rates:
-        return "(no problems)"
-    counts = [0] * (bins + 1)
-    for r in rates:
-        counts[min(bins, round(r * bins))] += 1
-    width = max(counts)
-    lines = [f"pass rate over traces ({len(rates)} problems; difficulty = 1 - pass rate)"]
-    for i, c in enumerate(counts):
-        lines.append(f"  {i / bins:5.3f} {c:6d} {'#' * round(40 * c / width) if width else ''}")
-    return "\n".join(lines)
-
-
-def inspect(run_dir: Path) -> str:
-    manifest_path = run_dir / "manifest.json"
-    if not manifest_path.exists():
-        raise FileNotFoundError(f"{manifest_path}: not found; is {run_dir} a finished run directory?")
-    manifest = json.loads(manifest_path.read_text())
-    shards = "\n".join(f"  {s['file']}: {s['rows']} rows, difficulty {s['difficulty_min']}..{s['difficulty_max']}"
-                       for s in manifest["curriculum"])
-    return f"{summary(manifest)}\n\ncurriculum shards (easy -> hard):\n{shards}\n\n{histogram(run_dir)}"
+from factory.run.report import inspect, summary
+from factory.stages.ingest import IngestError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.cmd == "run":
-            from factory.pipeline import load_recipe, run
+            from factory.run.pipeline import load_recipe, run
 
             recipe = load_recipe(args.recipe, args.overrides)
             manifest = run(recipe)
@@ -103,14 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "inspect":
             print(inspect(args.run_dir))
         elif args.cmd == "train":
-            from factory import train
+            from factory.training import train
 
             recipe = train.load_recipe(args.kind, args.recipe, args.overrides)
             report = train.train(args.kind, recipe, dry_run=args.dry_run)
             if args.dry_run:
                 print(json.dumps({k: report[k] for k in ("lengths", "order", "data")}, indent=2))
         elif args.cmd == "eval":
-            from factory import evaluate
+            from factory.training import evaluate
 
             if args.compare:
                 print(evaluate.compare(*(evaluate.read_result(p) for p in args.compare)))

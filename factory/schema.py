@@ -44,7 +44,7 @@ PROBLEMS = pa.schema(
     ]
 )
 
-# Added by the rewrite stage (factory/rewrite.py); null on original rows.
+# Added by the rewrite stage (factory/stages/rewrite.py); null on original rows.
 REWRITE_COLUMNS = [
     ("rewrite_model", pa.string()),
     ("check_answers", pa.list_(pa.string())),  # the teacher's extracted answers on the rewrite (null: none)

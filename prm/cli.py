@@ -17,10 +17,10 @@ from pathlib import Path
 
 from factory import config as config_mod
 from factory import store
-from factory.engine import EngineConfig
-from factory.grade import GradeConfig
-from factory.pipeline import RunConfig
-from factory.rollout import RolloutConfig
+from factory.engines import EngineConfig
+from factory.stages.grade import GradeConfig
+from factory.run.pipeline import RunConfig
+from factory.stages.rollout import RolloutConfig
 from prm.evaluate import CalibrateConfig, PRMEvalConfig, calibrate, evaluate_prm
 from prm.label import LabelConfig, label_traces
 from prm.score import ScoreConfig, score_table
@@ -66,7 +66,7 @@ def run_command(cmd: str, r: PRMRecipe, engine=None, log=print) -> dict:
         if not graded.complete:
             raise FileNotFoundError(f"{r.label.run_dir}: no finished grade stage; run `factory run` first")
         if engine is None:
-            from factory.engine import VLLMEngine
+            from factory.engines.inprocess import VLLMEngine
 
             engine = VLLMEngine(r.engine)
         labels = label_traces(graded.read(), r.label, r.split, r.rollout, r.grade, engine, r.run.progress)

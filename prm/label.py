@@ -27,9 +27,9 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from factory import answers
-from factory.engine import Engine, Sampling
-from factory.grade import GradeConfig, GradeJob, make_pool
-from factory.rollout import RolloutConfig, render_prompt, request_seed
+from factory.engines import Engine, Sampling
+from factory.stages.grade import GradeConfig, GradeJob, make_pool
+from factory.stages.rollout import RolloutConfig, render_prompt, request_seed
 from factory.workers import Failed, TimedOut
 from prm.steps import OK, SplitConfig, split_steps
 

@@ -14,7 +14,7 @@ Two families of public PRMs, which differ in where and how a step's score is rea
                     tokens into the step's score.
 
 Backends: transformers (batched with sequences sorted by length, softmax in float32), and for
-the classification family vLLM's pooling runner (`token_classify`, factory.engine). The
+the classification family vLLM's pooling runner (`token_classify`, factory.engines). The
 scorer checks that the number of separators it reads equals the number of steps (a question
 holding the tag, or a tokenizer that merges it, would otherwise shift every score) and that
 the input fits the PRM's context; traces that fail are returned with a status, never with
@@ -134,7 +134,7 @@ class PRMScorer:
 
     def _load(self):
         if self.cfg.backend == "vllm":
-            from factory.engine import VLLMTokenClassifier
+            from factory.engines.inprocess import VLLMTokenClassifier
 
             return VLLMTokenClassifier(self.cfg.model, self.cfg.max_length)
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForTokenClassification

@@ -12,8 +12,9 @@ import pytest
 
 import yaml
 
-from factory import pipeline, tiny
-from factory.engine import EngineConfig
+from factory.run import pipeline
+from factory import tiny
+from factory.engines import EngineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +32,7 @@ def engine_config(teacher_dir) -> EngineConfig:
 
 @pytest.fixture(scope="session")
 def engine(engine_config):
-    from factory.engine import VLLMEngine
+    from factory.engines.inprocess import VLLMEngine
 
     eng = VLLMEngine(engine_config)
     yield eng

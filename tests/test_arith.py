@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from factory import answers, arith, verify
+from factory import answers, verify
+from factory.demo import arith
 from prm.steps import SplitConfig, split_steps
 
 

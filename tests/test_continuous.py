@@ -21,10 +21,11 @@ import pytest
 import yaml
 
 from factory import config as config_mod
-from factory import pipeline, store
-from factory.continuous import PartialLog
-from factory.engine import Completion, EngineConfig, ServerConfig, make_engine
-from factory.rollout import RolloutConfig, rollout_table
+from factory.run import pipeline
+from factory import store
+from factory.run.continuous import PartialLog
+from factory.engines import Completion, EngineConfig, ServerConfig, make_engine
+from factory.stages.rollout import RolloutConfig, rollout_table
 
 from conftest import load
 
@@ -38,7 +39,7 @@ def sim():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "factory.simserver", "--port", str(port), "--slots", "32",
+    proc = subprocess.Popen([sys.executable, "-m", "factory.engines.simserver", "--port", str(port), "--slots", "32",
                              "--rate", "200", "--median", "120", "--sigma", "0.8", "--max-model-len", "2048"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -138,7 +139,7 @@ def test_stream_equals_one_call_per_shard_and_shrinks_budgets(sim, tmp_path):
     # the server's context (2048) is shorter than the local config believes: 400, then the budget that fits
     big = ServerConfig(base_url=sim + "/v1", tokenizer=str(TOKENIZER))
     wide = make_engine(EngineConfig(backend="server", model="sim", max_model_len=100_000, server=big), tmp_path / "w")
-    from factory.engine import Request, Sampling
+    from factory.engines import Request, Sampling
 
     (key, outs), = list(wide.stream([Request("q", wide.tokenize(["What is 1 + 2?"])[0], Sampling(n=2, max_tokens=5000, seed=3))]))
     assert key == "q" and all(c.error is None and c.max_tokens is not None and c.max_tokens < 2048 for c in outs)
@@ -203,7 +204,7 @@ def test_sigkill_at_random_moments_resumes_to_the_same_products(sim, tmp_path):
 def test_server_generate_journals_and_resends_nothing_twice(sim, tmp_path):
     """`generate` (rewrite, PRM labels) journals every sample; a new engine on the same journal
     (a resumed run) answers from it without sending; a cut last line is re-sent, not misread."""
-    from factory.engine import Sampling
+    from factory.engines import Sampling
 
     cfg = EngineConfig(backend="server", model="sim", max_model_len=2048,
                        server=ServerConfig(base_url=sim + "/v1", tokenizer=str(TOKENIZER)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from factory import schema
-from factory.curate import CurateConfig, bucket_of, curate_table
+from factory.stages.curate import CurateConfig, bucket_of, curate_table
 
 
 def graded(spec: dict[str, list[str]], **overrides):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from factory.curriculum import OrderConfig, Stage, competence, pacing_limits, training_order
+from factory.training.curriculum import OrderConfig, Stage, competence, pacing_limits, training_order
 
 # 40 rows in curriculum order: difficulty 0, 0.125, ... non-decreasing
 DIFF = sorted([(i % 9) / 8 for i in range(40)])

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from factory import schema
-from factory.decontam import BenchmarkConfig, BenchmarkIndex, decontam_table, ngrams
-from factory.ingest import IngestError
+from factory.stages.decontam import BenchmarkConfig, BenchmarkIndex, decontam_table, ngrams
+from factory.stages.ingest import IngestError
 
 BENCH_Q = ("Let f(x) = 3x^2 + 2x - 5. A student evaluates f at every integer from 1 to 10 "
            "and adds the results. What is the sum that the student obtains at the end?")

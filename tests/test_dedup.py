@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from factory import schema
-from factory.dedup import DedupConfig, dedup_table, exact_key, numbers, shingles
+from factory.stages.dedup import DedupConfig, dedup_table, exact_key, numbers, shingles
 
 BASE = ("A farmer has 12 cows and buys 7 more at the market on Monday. Each cow gives 3 litres of milk "
         "a day. How many litres of milk do all the cows give in one day?")

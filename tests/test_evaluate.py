@@ -9,8 +9,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from factory import cli, evaluate
-from factory.evaluate import EvalConfig, maj_at_k, pass_at_k, summarize
+from factory import cli
+from factory.training import evaluate
+from factory.training.evaluate import EvalConfig, maj_at_k, pass_at_k, summarize
 
 from conftest import write_jsonl
 

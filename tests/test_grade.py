@@ -6,7 +6,7 @@ import time
 
 
 from factory import schema
-from factory.grade import GradeConfig, grade_table, make_pool
+from factory.stages.grade import GradeConfig, grade_table, make_pool
 from factory.workers import Failed, TimedOut, TimeoutPool
 
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from factory.ingest import IngestConfig, IngestError, ingest
+from factory.stages.ingest import IngestConfig, IngestError, ingest
 
 
 def test_malformed_jsonl_keeps_every_valid_row(tmp_path):

@@ -14,7 +14,7 @@ import datasets
 import pyarrow.parquet as pq
 import yaml
 
-from factory import pipeline
+from factory.run import pipeline
 
 from conftest import load, toy_recipe
 

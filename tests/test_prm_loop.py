@@ -104,10 +104,11 @@ def test_trained_prm_loads_evaluates_and_calibrates(loop, capsys):
 def planted_labels(path: Path, n: int = 160, seed: int = 3) -> Path:
     """Step labels that do not depend on this machine: gold traces of the demo domain, half of
     them with one step's result changed (a slip the rest of the chain carries on from), labelled
-    by the domain's own checker (factory.arith.step_labels)."""
+    by the domain's own checker (factory.demo.arith.step_labels)."""
     import random
 
-    from factory import arith, schema
+    from factory.demo import arith
+    from factory import schema
     from prm.label import LABELS
 
     rng, rows = random.Random(seed), []

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from factory import pipeline
+from factory.run import pipeline
 
 from conftest import load, toy_recipe, write_jsonl
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from factory import evaluate, train
+from factory.training import evaluate, train
 from factory.demo import DemoRecipe
 from prm.cli import PRMRecipe
 from factory.config import ConfigError
-from factory.pipeline import Recipe, load_recipe
+from factory.run.pipeline import Recipe, load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 PIPELINE = RECIPES[[p.name for p in RECIPES].index("toy_addition.yaml")]

@@ -10,10 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from factory import grade, pipeline, tiny, verify
-from factory.grade import GradeConfig
-from factory.rewrite import RewriteConfig, check_config, decide, equivalences, parse_rewrite, vote
-from factory.rollout import request_seed
+from factory.stages import grade
+from factory.run import pipeline
+from factory import tiny, verify
+from factory.stages.grade import GradeConfig
+from factory.stages.rewrite import RewriteConfig, check_config, decide, equivalences, parse_rewrite, vote
+from factory.stages.rollout import request_seed
 
 from conftest import ROOT, load
 
@@ -70,7 +72,7 @@ def test_equivalences_use_the_grader():
 def rewriter(tmp_path_factory, engine_config):
     from dataclasses import replace
 
-    from factory.engine import VLLMEngine
+    from factory.engines.inprocess import VLLMEngine
 
     path = tiny.build_addition_rewriter(tmp_path_factory.mktemp("models") / "rewriter")
     eng = VLLMEngine(replace(engine_config, model=str(path)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from factory import schema, tiny
-from factory.rollout import R1_ZERO_TEMPLATE, RolloutConfig, render_prompt, rollout_table
+from factory.stages.rollout import R1_ZERO_TEMPLATE, RolloutConfig, render_prompt, rollout_table
 
 CFG = RolloutConfig(num_traces=8, temperature=1.0, top_p=1.0, max_tokens=32, question_template="{question}")
 
@@ -57,7 +57,7 @@ def test_tiny_chat_prompt_matches_the_tokenizer_template(engine):
 
 
 def test_dtype_follows_the_cpu():
-    from factory.engine import resolve_dtype
+    from factory.engines import resolve_dtype
 
     avx2 = {"fpu", "sse4_2", "avx", "avx2", "fma", "f16c"}  # an AVX2 EPYC: bf16 only emulated
     assert resolve_dtype("auto", cuda=False, flags=avx2)[0] == "float32"

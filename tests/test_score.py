@@ -7,7 +7,8 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from factory import pipeline, schema, store
+from factory.run import pipeline
+from factory import schema, store
 from prm import tiny
 from prm.score import ScoreConfig, score_table
 from prm.scorer import PRMConfig, PRMScorer

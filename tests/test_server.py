@@ -21,10 +21,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from factory import pipeline, schema
-from factory.engine import EngineConfig, Sampling, ServerConfig, make_engine
-from factory.rollout import RolloutConfig, rollout_table
-from factory.server import ServerEngine
+from factory.run import pipeline
+from factory import schema
+from factory.engines import EngineConfig, Sampling, ServerConfig, make_engine
+from factory.stages.rollout import RolloutConfig, rollout_table
+from factory.engines.server import ServerEngine
 
 from conftest import ROOT, load, toy_recipe, write_jsonl
 
@@ -185,7 +186,7 @@ def vllm_server(teacher_dir, tmp_path_factory):
 
 
 def test_server_matches_in_process_engine(vllm_server, engine, teacher_dir, tmp_path, problems_file):
-    from factory.ingest import IngestConfig, ingest
+    from factory.stages.ingest import IngestConfig, ingest
 
     problems, _, _ = ingest(IngestConfig(paths=[str(problems_file)]))
     problems = problems.slice(0, 20)

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from factory import train
-from factory.curriculum import pacing_limits
+from factory.training import train
+from factory.training.curriculum import pacing_limits
 from factory.store import write_json, write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from factory.grade import GradeConfig, GradeJob, grade_one
+from factory.stages.grade import GradeConfig, GradeJob, grade_one
 
 CASES = [
     # (model output, reference, domain, choices, expected verdict)

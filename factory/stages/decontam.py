@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from factory import schema
-from factory.ingest import IngestError, read_any
+from factory.stages.ingest import IngestError, read_any
 
 
 @dataclass

@@ -17,7 +17,7 @@ several surface phrasings. The gold trace is R1-shaped: one step per operation i
 when it applies operation i to the true running value and gets the true result. That gives
 ground-truth PRM labels in ProcessBench's form (first wrong step, or -1) for any trace.
 
-    python -m factory.arith data/arith     # writes train.jsonl and heldout.jsonl
+    python -m factory.demo.arith data/arith     # writes train.jsonl and heldout.jsonl
 """
 
 from __future__ import annotations

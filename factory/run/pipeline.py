@@ -30,16 +30,17 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from factory import config as config_mod
-from factory import grade, schema, store
-from factory.curate import CurateConfig, curate_table
-from factory.decontam import BenchmarkIndex, DecontamConfig, decontam_table
-from factory.dedup import DedupConfig, dedup_table
-from factory.engine import Engine, EngineConfig
-from factory.grade import GradeConfig
-from factory.ingest import IngestConfig, ingest
-from factory.ray_executor import RayConfig
-from factory.rewrite import RewriteConfig, rewrite_table
-from factory.rollout import RolloutConfig, prompt_messages, rollout_table
+from factory.stages import grade
+from factory import schema, store
+from factory.stages.curate import CurateConfig, curate_table
+from factory.stages.decontam import BenchmarkIndex, DecontamConfig, decontam_table
+from factory.stages.dedup import DedupConfig, dedup_table
+from factory.engines import Engine, EngineConfig
+from factory.stages.grade import GradeConfig
+from factory.stages.ingest import IngestConfig, ingest
+from factory.run.ray_executor import RayConfig
+from factory.stages.rewrite import RewriteConfig, rewrite_table
+from factory.stages.rollout import RolloutConfig, prompt_messages, rollout_table
 from prm.score import ScoreConfig
 
 
@@ -115,7 +116,7 @@ class Runner:
     @property
     def engine(self) -> Engine:
         if self._engine is None:  # started only when a shard really needs generating
-            from factory.engine import make_engine
+            from factory.engines import make_engine
 
             e = self.recipe.engine
             self.log(f"starting vLLM with {e.model} ..." if e.backend == "vllm" else f"teacher server {e.server.base_url} ({e.model})")
@@ -130,7 +131,7 @@ class Runner:
         if self._rewriter is None:
             from dataclasses import replace
 
-            from factory.engine import make_engine
+            from factory.engines import make_engine
 
             self.log(f"starting the rewriter {model} ...")
             self._rewriter = make_engine(replace(self.recipe.engine, model=model), self.run_dir / "rewriter")
@@ -180,7 +181,7 @@ class Runner:
         return sd
 
     def run_rewrite(self, upstream: store.StageDir) -> store.StageDir:
-        from factory.rewrite import check_config
+        from factory.stages.rewrite import check_config
 
         cfg, r = self.recipe.rewrite, self.recipe
         check_config(cfg)
@@ -263,11 +264,11 @@ class Runner:
         n = upstream.num_shards()
         pending = [i for i in range(n) if not sd.is_done(i)]
         if getattr(self.recipe, "executor", "local") == "ray":
-            from factory.ray_executor import map_shards
+            from factory.run.ray_executor import map_shards
 
-            map_shards(self.recipe, name, upstream.name, pending, self.log)
+            map_shards(type(self), self.recipe, name, upstream.name, pending, self.log)
         elif name == "rollout":  # one stream over every pending shard: no idle teacher at shard ends
-            from factory.continuous import rollout_shards
+            from factory.run.continuous import rollout_shards
 
             bar = tqdm(total=n, initial=n - len(pending), desc=name, unit="shard", disable=not self.recipe.run.progress)
             tokens, seconds = [0], [0.0]

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from factory import schema, store
-from factory.engine import Completion, Engine, Request
-from factory.rollout import Prepared, RolloutConfig, prepare, sampling_key, trace_rows, traces_table
+from factory.engines import Completion, Engine, Request
+from factory.stages.rollout import Prepared, RolloutConfig, prepare, sampling_key, trace_rows, traces_table
 
 
 class PartialLog:

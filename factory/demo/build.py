@@ -1,9 +1,9 @@
 """Build the demo's problem sets and tiny models from scratch, deterministically (run once).
 
-    python -m factory.demo_build data/demo [--teacher-steps 700] [--student-steps 600]
+    python -m factory.demo.build data/demo [--teacher-steps 700] [--student-steps 600]
 
 Writes into OUT:
-    problems/train.jsonl, problems/heldout.jsonl   the arithmetic domain (factory.arith): 600 + 2400
+    problems/train.jsonl, problems/heldout.jsonl   the arithmetic domain (factory.demo.arith): 600 + 2400
                 training problems, 300 held out
     teacher/    a Qwen2 (hidden 192, 3 layers) trained with `factory train sft` on gold traces
                 until it is good on short chains and often wrong on long ones
@@ -16,7 +16,7 @@ Writes into OUT:
                 labels on held-out traces
     */CARD.md   how each was made, its size and measured accuracy
 
-The models are trained by the project's own trainer (TRL's SFTTrainer through factory.train)
+The models are trained by the project's own trainer (TRL's SFTTrainer through factory.training.train)
 on a "gold" run directory: curriculum shards of gold traces in the pipeline's format.
 """
 
@@ -30,8 +30,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from factory import arith, pipeline, store, tiny
-from factory import train as train_mod
+from factory.demo import arith
+from factory.run import pipeline
+from factory import store, tiny
+from factory.training import train as train_mod
 
 QUESTION_TEMPLATE = "{question}"  # the demo's rollout.question_template: questions as they are
 
@@ -141,7 +143,7 @@ def main() -> None:
     ap.add_argument("--teacher-steps", type=int, default=700)
     ap.add_argument("--student-steps", type=int, default=600)
     ap.add_argument("--student-styles", default="plain,expression",
-                    help="the phrasings the student's gold traces are drawn from (factory.arith styles)")
+                    help="the phrasings the student's gold traces are drawn from (factory.demo.arith styles)")
     ap.add_argument("--extra-problems", type=int, default=2400,
                     help="training problems added to the first 600 (the demo rolls out all of them)")
     ap.add_argument("--prm-problems", type=int, default=600)
@@ -168,7 +170,8 @@ def main() -> None:
             report = sft_from_gold(init, runs[name], work / name, steps, batch=96, lr=3e-3, seed=args.seed)
             print(f"{name}: {steps} steps, loss {report['metrics']['train_loss']:.3f}, {report['seconds']} s")
 
-    from factory.engine import EngineConfig, VLLMEngine
+    from factory.engines import EngineConfig
+    from factory.engines.inprocess import VLLMEngine
     from prm.cli import PRMRecipe, run_command
     from prm.evaluate import PRMEvalConfig, evaluate_prm
     from prm.likelihood import Rendering
@@ -215,7 +218,7 @@ def main() -> None:
             f"or one of the first 600 training questions), {steps} steps of 96, lr 3e-3 cosine, seed {args.seed}",
             "held-out accuracy, 8 samples at temperature 1: "
             + ", ".join(f"{k} {100 * v:.1f}%" for k, v in acc[name].items()),
-            "rebuild: python -m factory.demo_build data/demo"])
+            "rebuild: python -m factory.demo.build data/demo"])
     dst = keep(work / "prm", out / "prm")
     card(dst, "demo PRM", [
         "likelihood PRM (prm.likelihood): the teacher, unchanged, reads each trace in its own format; a "
@@ -226,7 +229,7 @@ def main() -> None:
         f"ProcessBench-style F1 against the domain's ground-truth step labels on the teacher's traces of the "
         f"{len(held)} held-out problems: {prm_eval['f1']:.3f} (accuracy {prm_eval['acc_erroneous']:.3f} on "
         f"{prm_eval['erroneous']} erroneous, {prm_eval['acc_correct']:.3f} on {prm_eval['correct']} correct)",
-        "rebuild: python -m factory.demo_build data/demo"])
+        "rebuild: python -m factory.demo.build data/demo"])
     print(f"built in {time.time() - t0:.0f} s")
 
 

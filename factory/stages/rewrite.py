@@ -35,11 +35,11 @@ from dataclasses import dataclass, field, replace
 import pyarrow as pa
 
 from factory import answers, schema
-from factory.dedup import exact_key
-from factory.engine import Engine, Sampling
-from factory.grade import GradeConfig, GradeJob
-from factory.ingest import IngestConfig, Raw, validate
-from factory.rollout import RolloutConfig, request_seed, rollout_table
+from factory.stages.dedup import exact_key
+from factory.engines import Engine, Sampling
+from factory.stages.grade import GradeConfig, GradeJob
+from factory.stages.ingest import IngestConfig, Raw, validate
+from factory.stages.rollout import RolloutConfig, request_seed, rollout_table
 from factory.workers import TimeoutPool
 
 MODES = ("paraphrase", "variant")

@@ -29,11 +29,11 @@ import pyarrow.parquet as pq
 
 from factory import config as config_mod
 from factory import answers, store
-from factory.engine import Engine, EngineConfig
-from factory.grade import GradeConfig
-from factory.ingest import IngestConfig
-from factory.pipeline import RunConfig, Runner, package_versions
-from factory.rollout import RolloutConfig
+from factory.engines import Engine, EngineConfig
+from factory.stages.grade import GradeConfig
+from factory.stages.ingest import IngestConfig
+from factory.run.pipeline import RunConfig, Runner, package_versions
+from factory.stages.rollout import RolloutConfig
 
 
 @dataclass

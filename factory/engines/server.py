@@ -1,6 +1,6 @@
 """A teacher behind an OpenAI-compatible server (vLLM's or SGLang's `serve`, or a hosted API).
 
-`ServerEngine` has the methods of `factory.engine.Engine`, so rollout and rewrite use it
+`ServerEngine` has the methods of `factory.engines.Engine`, so rollout and rewrite use it
 unchanged (`engine.backend: server` in a recipe). It sends requests on one aiohttp session
 (`HTTP` below: openai's retry policy for 408 / 409 / 429 / 5xx and dropped connections, with
 exponential backoff, `max_retries`, and a timeout of `timeout_s` per try).
@@ -42,7 +42,7 @@ import re
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from factory.engine import Completion, Request, Sampling, ServerConfig
+from factory.engines.base import Completion, Request, Sampling, ServerConfig
 
 
 class PromptIds(list):

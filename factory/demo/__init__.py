@@ -20,8 +20,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from factory import arith, config as config_mod, evaluate, pipeline, schema, store
-from factory import train as train_mod
+from factory.demo import arith
+from factory import config as config_mod, schema, store
+from factory.training import evaluate
+from factory.run import pipeline
+from factory.training import train as train_mod
 from prm.evaluate import predicted_first_error, processbench
 from prm.steps import SplitConfig, split_steps
 
@@ -75,7 +78,7 @@ def unfiltered_run(run: Path, out: Path) -> Path:
     graded = store.StageDir(run, "grade").read().to_pylist()
     diff = {r["problem_id"]: r for r in pq.read_table(run / "difficulty.parquet").to_pylist()}
     recipe = json.loads((run / "manifest.json").read_text())["config"]["rollout"]
-    from factory.rollout import RolloutConfig, prompt_messages
+    from factory.stages.rollout import RolloutConfig, prompt_messages
 
     rcfg = config_mod.from_dict(RolloutConfig, recipe)
     rows = []
@@ -147,7 +150,7 @@ def _svg_bars(title: str, labels: list[str], series: dict[str, list[float]], pct
 def report(run: Path, results: dict[str, dict], phrasing: dict[str, dict], prm: dict,
            seconds: float) -> tuple[str, str]:
     """The printed report and its HTML version."""
-    from factory.cli import histogram, summary
+    from factory.run.report import histogram, summary
 
     manifest = json.loads((run / "manifest.json").read_text())
     diff = pq.read_table(run / "difficulty.parquet").to_pylist()

@@ -1,6 +1,6 @@
 """A simulated reasoning teacher behind an OpenAI-compatible completions API, on loopback.
 
-    python -m factory.simserver --port 8765 --slots 256 --rate 2000 --median 3000 --sigma 0.8
+    python -m factory.engines.simserver --port 8765 --slots 256 --rate 2000 --median 3000 --sigma 0.8
 
 It behaves like a GPU running vLLM for what decides a batch job's throughput, and nothing
 else: a fixed number of sequence slots (vLLM's max_num_seqs), a constant decode rate per

@@ -11,7 +11,7 @@ Out: TRAIN.output_dir/ holding the trained model and tokenizer (loadable by vLLM
     accelerate launch -m factory.cli train sft RECIPE      # several GPUs, same code
 
 The training loops are TRL's SFTTrainer and DPOTrainer. The factory decides what they see
-and in which order: `factory.curriculum` turns the curriculum into a list of row indices,
+and in which order: `factory.training.curriculum` turns the curriculum into a list of row indices,
 and the trainer reads it through a sequential sampler (no shuffling, no packing, which would
 reorder rows across difficulties). Sequences are never cut: max_length is the data's
 longest row unless set, and rows above a set max_length are dropped and listed, because a
@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 
 from factory import config as config_mod
 from factory import store
-from factory.curriculum import OrderConfig, training_order
+from factory.training.curriculum import OrderConfig, training_order
 
 
 @dataclass
@@ -72,7 +72,7 @@ class DataConfig:
     run_dir: str = ""
     """A finished `factory run` directory; SFT reads its curriculum/, DPO its pairs/."""
     order: OrderConfig = field(default_factory=OrderConfig)
-    """In which order examples are seen (factory.curriculum)."""
+    """In which order examples are seen (factory.training.curriculum)."""
     max_length: int | None = None
     """Token limit per sequence; None: the longest row of the data. Never truncates."""
     on_too_long: str = "drop"
@@ -405,7 +405,7 @@ def train(kind: str, recipe: SFTRecipe | DPORecipe, dry_run: bool = False, log: 
     if dry_run:
         p.report["trl_args"] = {k: str(v) for k, v in p.args.to_dict().items()}
         return p.report
-    from factory.pipeline import package_versions
+    from factory.run.pipeline import package_versions
 
     out = Path(recipe.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ class Stage:
 @dataclass
 class OrderConfig:
     strategy: str = "sorted"
-    """sorted | shuffled | staged | pacing (see factory.curriculum)."""
+    """sorted | shuffled | staged | pacing (see factory.training.curriculum)."""
     epochs: int = 1
     """Passes over the data for sorted, shuffled and pacing (staged sets epochs per stage)."""
     stages: list[Stage] = field(default_factory=lambda: [Stage(), Stage(min_difficulty=0.5)])

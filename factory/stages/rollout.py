@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from factory import answers, schema
-from factory.engine import Completion, Engine, Sampling
+from factory.engines import Completion, Engine, Sampling
 
 R1_ZERO_TEMPLATE = (
     "A conversation between User and Assistant. The User asks a question, and the Assistant "
@@ -153,7 +153,7 @@ def trace_rows(p: Prepared, completions: list[Completion], key: str, model: str)
 
 def rollout_table(problems: pa.Table, cfg: RolloutConfig, engine: Engine, progress: bool = False) -> tuple[pa.Table, pa.Table, dict]:
     """Generate K traces for each problem of `problems` in one engine call (the Ray executor's
-    unit; the local executor streams every shard through `factory.continuous`).
+    unit; the local executor streams every shard through `factory.run.continuous`).
 
     Returns:
         (traces, rejected, stats) with stats holding tokens and seconds for tokens/s.

