@@ -4,15 +4,15 @@
                                                                   (RUN = run.output_dir)
 
 Intermediate tables live in RUN/stages/<stage>/ as numbered shards (factory.store); the
-products are RUN/curriculum/, RUN/pairs/, RUN/rejected/, RUN/difficulty.parquet and
-RUN/manifest.json. A stage is either global (one unit: ingest, curate) or a map over its
-input's shards (rewrite, rollout, grade, score): a killed run redoes at most the shards it
-was writing. dedup and decontam are global too (a duplicate can sit in any shard) and
-re-shard their output like ingest. The optional stages (rewrite, dedup, decontam, score) run
-when the recipe has their section.
-
-New stages plug in by name in `STAGE_ORDER` and a function in `MAP_STAGES`: each takes
-its config and the shard table and returns (out, rejected, stats).
+products are RUN/curriculum/, RUN/pairs/, RUN/rejected/<stage>/, RUN/difficulty.parquet and
+RUN/manifest.json. ingest, dedup and decontam are global (a duplicate can sit in any shard)
+and cut their output into shards; rewrite, rollout, grade and score map over shards, so a
+killed run redoes at most the shards it was writing. On the local executor rollout streams
+every pending shard through one engine (`factory.run.continuous`: per-problem durability,
+no idle teacher at shard ends); executor=ray maps shards over actors
+(`factory.run.ray_executor`). curate maps over the graded shards (a problem's traces are all
+in one), then merges their sorted outputs into the products. The optional stages (rewrite,
+dedup, decontam, score) run when the recipe has their section.
 """
 
 from __future__ import annotations
@@ -354,8 +354,9 @@ class Runner:
         stages["curate"] = store.StageDir(self.run_dir, "curate")
         link_rejected(self.run_dir / "rejected", stages)
         manifest = build_manifest(self.recipe, stages, time.perf_counter() - t0)
-        if getattr(self._engine, "dtype", None):  # the in-process engine's resolved dtype, and why
-            manifest["engine"] = {"dtype": self._engine.dtype, "dtype_reason": self._engine.dtype_reason}
+        started = vars(self._engine) if self._engine is not None else {}  # no attribute lookups on the engine
+        if "dtype" in started:  # the in-process engine's resolved dtype, and why
+            manifest["engine"] = {"dtype": started["dtype"], "dtype_reason": started["dtype_reason"]}
         store.write_json(manifest, self.run_dir / "manifest.json")
         return manifest
 
