@@ -136,10 +136,10 @@ def ray_side(args, port: int, n: int) -> dict:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     # `concurrency` is Ray's actor count; each actor sends a batch's requests one after another
     # (ray/llm/_internal/batch/stages/http_request_stage.py), so actors x batches in flight per
-    # actor is what keeps the server's slots fed; 0.1 CPU each lets them all fit on this machine
+    # actor is what keeps the server's slots fed; a small CPU share each lets them all fit here
     config = HttpRequestProcessorConfig(url=f"http://127.0.0.1:{port}/v1/completions", qps=None,
                                         batch_size=args.ray_batch, concurrency=args.ray_actors,
-                                        http_request_stage={"num_cpus": 0.1})
+                                        http_request_stage={"num_cpus": min(0.1, 1.5 / args.ray_actors)})
     proc = build_processor(
         config,
         preprocess=lambda r: {"payload": {"model": "sim", "prompt": r["prompt"], "max_tokens": args.max_tokens,
