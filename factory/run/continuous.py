@@ -157,15 +157,15 @@ class ContinuousRollout:
             traces += t
             rejected += r
             tokens += n
-        out = traces_table(traces, shard.schema)
+        out, dropped = traces_table(traces, shard.schema), schema.table(rejected, schema.REJECTED)
         del traces, got
         now, cpu = time.perf_counter(), time.process_time()
         # the stream's time and driver CPU since the previous seal: summed over shards they are the stage's
         stats = {"generated_tokens": tokens, "generate_seconds": now - self._clock, "budget_shrunk": shard.shrunk,
                  "driver_cpu_seconds": cpu - self._cpu, "rows_in": shard.rows_in, "rows_out": out.num_rows,
-                 "dropped": store.count_reasons(schema.table(rejected, schema.REJECTED)), "seconds": now - self._clock}
+                 "dropped": store.count_reasons(dropped), "seconds": now - self._clock}
         self._clock, self._cpu = now, cpu
-        self.sd.write_shard(shard.index, out, schema.table(rejected, schema.REJECTED), stats)
+        self.sd.write_shard(shard.index, out, dropped, stats)
         shard.log.remove()
         del self.open[shard.index]
         self.on_seal(shard.index, stats)
