@@ -27,9 +27,7 @@ from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
-
-from factory import config as config_mod
+from factory import config as config_mod, console
 from factory.stages import grade
 from factory import schema, store
 from factory.stages.curate import CurateConfig, curate_table
@@ -38,6 +36,9 @@ from factory.stages.dedup import DedupConfig, dedup_table
 from factory.engines import Engine, EngineConfig
 from factory.stages.grade import GradeConfig
 from factory.stages.ingest import IngestConfig, ingest
+from factory.run.card import write_card
+from factory.run.progress import Progress
+from factory.run.report import summary
 from factory.run.ray_executor import RayConfig
 from factory.stages.rewrite import RewriteConfig, rewrite_table
 from factory.stages.rollout import RolloutConfig, prompt_messages, rollout_table
@@ -49,7 +50,7 @@ class RunConfig:
     output_dir: str = "runs/default"
     """Where the run's stages and products are written; re-running resumes there."""
     progress: bool = True
-    """Show tqdm bars."""
+    """Show a live line per stage on the terminal (RUN/progress.json is written either way)."""
 
 
 @dataclass
@@ -102,8 +103,8 @@ def _input_signature(paths: list[str]) -> list:
 class Runner:
     """Runs a recipe's stages into run.output_dir, reusing finished work."""
 
-    def __init__(self, recipe: Recipe, engine: Engine | None = None, log: Callable[[str], None] = print,
-                 scorer=None, rewriter: Engine | None = None):
+    def __init__(self, recipe: Recipe, engine: Engine | None = None, log: Callable[[str], None] = console.say,
+                 scorer=None, rewriter: Engine | None = None, command: str = "run"):
         self.recipe = recipe
         self.run_dir = Path(recipe.run.output_dir)
         self._engine = engine
@@ -112,6 +113,8 @@ class Runner:
         self._pool = None
         self.log = log
         self.stats: dict[str, dict] = {}
+        # written by the driver only (a Ray actor's Runner never begins a stage)
+        self.progress = Progress(self.run_dir, show=recipe.run.progress, command=command)
 
     @property
     def engine(self) -> Engine:
@@ -121,6 +124,12 @@ class Runner:
             e = self.recipe.engine
             self.log(f"starting vLLM with {e.model} ..." if e.backend == "vllm" else f"teacher server {e.server.base_url} ({e.model})")
             self._engine = make_engine(e, self.run_dir)
+        return self._engine
+
+    @property
+    def started_engine(self) -> Engine | None:
+        """The teacher engine if this run started (or was given) one, else None; for a caller
+        that wants to reuse it after the run (the demo evaluates its students on it)."""
         return self._engine
 
     @property
@@ -145,12 +154,15 @@ class Runner:
         fp = store.fingerprint("ingest", config_mod.to_dict(cfg), _input_signature(cfg.paths))
         if not (sd.open(fp, config_mod.to_dict(cfg)) and sd.complete):
             t0 = time.perf_counter()
+            self.progress.begin("ingest", len(cfg.paths), unit="file")
             problems, rejected, messages = ingest(cfg)
             for m in messages[:20]:
                 self.log(f"ingest: rejected {m}")
             if len(messages) > 20:
                 self.log(f"ingest: ... and {len(messages) - 20} more rejected rows (see rejected/)")
             self.write_problem_shards(sd, problems, rejected, {}, problems.num_rows + rejected.num_rows, t0)
+            self.progress.advance(len(cfg.paths), problems=problems.num_rows, rejected=rejected.num_rows)
+            self.progress.end()
         return sd
 
     def write_problem_shards(self, sd: store.StageDir, out: pa.Table, rejected: pa.Table, stats: dict,
@@ -175,9 +187,12 @@ class Runner:
         if sd.open(fp, config_mod.to_dict(cfg)) and sd.complete:
             return sd
         t0 = time.perf_counter()
+        self.progress.begin(name, 1, unit="table")
         table = upstream.read()
         out, rejected, stats = fn(table)
         self.write_problem_shards(sd, out, rejected, stats, table.num_rows, t0)
+        self.progress.advance(1, problems=out.num_rows, rejected=rejected.num_rows)
+        self.progress.end()
         return sd
 
     def run_rewrite(self, upstream: store.StageDir) -> store.StageDir:
@@ -266,29 +281,23 @@ class Runner:
         if getattr(self.recipe, "executor", "local") == "ray":
             from factory.run.ray_executor import map_shards
 
-            map_shards(type(self), self.recipe, name, upstream.name, pending, self.log)
+            self.progress.begin(name, n, n - len(pending))
+            map_shards(type(self), self.recipe, name, upstream.name, pending, self.log,
+                       on_shard=lambda stats: self.progress.advance(1, **shard_counts(stats)))
         elif name == "rollout":  # one stream over every pending shard: no idle teacher at shard ends
             from factory.run.continuous import rollout_shards
 
-            bar = tqdm(total=n, initial=n - len(pending), desc=name, unit="shard", disable=not self.recipe.run.progress)
-            tokens, seconds = [0], [0.0]
-
-            def sealed(i: int, stats: dict) -> None:
-                tokens[0] += stats["generated_tokens"]
-                seconds[0] += stats["generate_seconds"]
-                bar.set_postfix(tok_s=f"{tokens[0] / max(seconds[0], 1e-9):.0f}")
-                bar.update(1)
-
-            rollout_shards(sd, upstream, pending, self.recipe.rollout, self.engine, on_seal=sealed)
-            bar.close()
+            # the live unit is the problem (a shard can take minutes); shards are counted beside it
+            problems = sum(upstream.shard_rows(i) for i in pending)
+            self.progress.begin(name, problems, unit="problem")
+            rollout_shards(sd, upstream, pending, self.recipe.rollout, self.engine,
+                           on_seal=lambda i, stats: self.progress.add(shards=1),
+                           on_problem=lambda k, traces, tokens: self.progress.advance(k, traces=traces, tokens=tokens))
         else:
-            bar = tqdm(total=n, initial=n - len(pending), desc=name, unit="shard", disable=not self.recipe.run.progress)
+            self.progress.begin(name, n, n - len(pending))
             for i in pending:
-                stats = self.process_shard(name, upstream.name, i)
-                if "generated_tokens" in stats:
-                    bar.set_postfix(tok_s=f"{stats['generated_tokens'] / max(stats['generate_seconds'], 1e-9):.0f}")
-                bar.update(1)
-            bar.close()
+                self.progress.advance(1, **shard_counts(self.process_shard(name, upstream.name, i)))
+        self.progress.end()
         sd.finish(n, {})
         return sd
 
@@ -317,7 +326,9 @@ class Runner:
             return
         n = upstream.num_shards()
         prompt = lambda q: prompt_messages(q, self.recipe.rollout)  # noqa: E731
-        for i in (i for i in range(n) if not sd.is_done(i)):
+        pending = [i for i in range(n) if not sd.is_done(i)]
+        self.progress.begin("curate", n, n - len(pending))
+        for i in pending:
             t0 = time.perf_counter()
             graded = upstream.read_shard(i)
             curriculum, pairs, difficulty, rejected = curate_table(graded, cfg, prompt)
@@ -325,6 +336,8 @@ class Runner:
                 "rows_in": graded.num_rows, "rows_out": curriculum.num_rows, "pairs": pairs.num_rows,
                 "dropped": store.count_reasons(rejected), "seconds": time.perf_counter() - t0},
                 extra={"pairs": pairs, "difficulty": difficulty}, row_group_size=64)
+            self.progress.advance(1, rows=curriculum.num_rows, pairs=pairs.num_rows)
+        self.progress.end()
         t0 = time.perf_counter()
         shards, pair_files = merge_products(self.run_dir, sd, n, cfg.rows_per_shard)
         sd.finish(n, {"shards": shards, "pair_files": pair_files, "merge_seconds": time.perf_counter() - t0})
@@ -333,9 +346,14 @@ class Runner:
 
     def run(self) -> dict:
         try:
-            return self._run()
+            manifest = self._run()
+        except BaseException as e:
+            self.progress.finish("failed", error=f"{type(e).__name__}: {e}"[:2000])
+            raise
         finally:
             self.close()
+        self.progress.finish("finished", summary=summary(manifest))
+        return manifest
 
     def _run(self) -> dict:
         t0 = time.perf_counter()
@@ -358,7 +376,21 @@ class Runner:
         if "dtype" in started:  # the in-process engine's resolved dtype, and why
             manifest["engine"] = {"dtype": started["dtype"], "dtype_reason": started["dtype_reason"]}
         store.write_json(manifest, self.run_dir / "manifest.json")
+        write_card(self.run_dir, manifest)
         return manifest
+
+
+def shard_counts(stats: dict) -> dict:
+    """What a finished shard adds to the live counts of its stage."""
+    out = {"rows": stats.get("rows_out", 0)}
+    if "generated_tokens" in stats:
+        out["tokens"] = stats["generated_tokens"]
+        out["traces"] = stats.get("rows_out", 0)
+    if "verdicts" in stats:
+        out["verdicts"] = stats["verdicts"]
+    if "prm_status" in stats:
+        out["prm_status"] = stats["prm_status"]
+    return out
 
 
 CURRICULUM_ORDER = lambda r: (r["difficulty"], r["problem_id"], r["num_tokens"], r["trace_id"])  # noqa: E731
@@ -406,6 +438,18 @@ def write_curriculum_run(out: Path, rows: list[dict]) -> Path:
     return out
 
 
+def token_totals(counts: dict, price) -> dict:
+    """Prompt and generated tokens of the stages that generate (rollout, rewrite), and their
+    estimated cost where the recipe gives engine.price."""
+    prompt = sum(c.get("prompt_tokens", 0) for c in counts.values())
+    completion = sum(c.get("generated_tokens", 0) for c in counts.values())
+    out = {"prompt": prompt, "completion": completion}
+    if price is not None:
+        out["cost"] = round(prompt / 1e6 * price.prompt_per_million + completion / 1e6 * price.completion_per_million, 4)
+        out["currency"] = price.currency
+    return out
+
+
 def build_manifest(recipe: Recipe, stages: dict[str, store.StageDir], seconds: float) -> dict:
     counts = {}
     for name, sd in stages.items():
@@ -418,8 +462,10 @@ def build_manifest(recipe: Recipe, stages: dict[str, store.StageDir], seconds: f
                  "dropped": dropped, "seconds": round(sum(s["seconds"] for s in shards), 3)}
         tokens = sum(s.get("generated_tokens", 0) for s in shards)
         if tokens:
+            entry.update(generated_tokens=tokens, prompt_tokens=sum(s.get("prompt_tokens", 0) for s in shards))
             gen = sum(s.get("generate_seconds", 0.0) for s in shards)
-            entry.update(generated_tokens=tokens, tokens_per_s=round(tokens / max(gen, 1e-9), 1))
+            if gen > 0:
+                entry["tokens_per_s"] = round(tokens / gen, 1)
         for key in ("verdicts", "prm_status", "rewrites", "duplicates", "contaminated_by"):  # stages' own counts
             if any(key in s for s in shards):
                 total: dict[str, int] = {}
@@ -437,13 +483,14 @@ def build_manifest(recipe: Recipe, stages: dict[str, store.StageDir], seconds: f
         "config": config_mod.to_dict(recipe),
         "packages": package_versions(),
         "stages": counts,
+        "tokens": token_totals(counts, recipe.engine.price),
         "curriculum": stages["curate"].complete["shards"],
         "pairs": [f["file"] for f in stages["curate"].complete["pair_files"]],
         "seconds": round(seconds, 3),
     }
 
 
-def run(recipe: Recipe, engine: Engine | None = None, log: Callable[[str], None] = print, scorer=None,
+def run(recipe: Recipe, engine: Engine | None = None, log: Callable[[str], None] = console.say, scorer=None,
         rewriter: Engine | None = None) -> dict:
     """Run `recipe`'s stages; pass `engine` (a PRM `scorer`, a `rewriter`) to reuse ones already loaded."""
     return Runner(recipe, engine, log, scorer, rewriter).run()

@@ -25,6 +25,7 @@ have the factory installed; relative paths in the recipe are made absolute on th
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -69,18 +70,18 @@ class ShardWorker:
         self.stage, self.upstream = stage, upstream
 
     def __call__(self, batch: dict) -> dict:
-        for i in batch["shard"]:
-            self.runner.process_shard(self.stage, self.upstream, int(i))
-        return batch
+        stats = [json.dumps(self.runner.process_shard(self.stage, self.upstream, int(i))) for i in batch["shard"]]
+        return {"shard": batch["shard"], "stats": stats}
 
     def __del__(self):
         self.runner.close()
 
 
 def map_shards(runner_cls: type, recipe, stage: str, upstream: str, shards: list[int],
-               log: Callable[[str], None] = print) -> None:
+               log: Callable[[str], None] = print, on_shard: Callable[[dict], None] | None = None) -> None:
     """Run map stage `stage` over `shards` of `upstream` on Ray, each actor holding a
-    `runner_cls(recipe)`; returns when all are written."""
+    `runner_cls(recipe)`; returns when all are written. `on_shard(stats)` is called on the
+    driver as each shard's result arrives."""
     if not shards:
         return
     import ray
@@ -98,7 +99,12 @@ def map_shards(runner_cls: type, recipe, stage: str, upstream: str, shards: list
     done = ds.map_batches(
         ShardWorker, fn_constructor_args=(runner_cls, absolute_paths(recipe), stage, upstream),
         batch_size=1, concurrency=max(1, min(replicas, len(shards))), num_gpus=num_gpus, num_cpus=1,
-    ).take_all()
-    got = sorted(int(r["shard"]) for r in done)
+    )
+    got = []
+    for r in done.iter_rows():
+        got.append(int(r["shard"]))
+        if on_shard is not None:
+            on_shard(json.loads(r["stats"]))
+    got.sort()
     if got != sorted(shards):
         raise RuntimeError(f"{stage}: Ray returned shards {got}, expected {sorted(shards)}")

@@ -20,6 +20,10 @@ def summary(manifest: dict) -> str:
         if "pairs" in s:
             notes = f"pairs={s['pairs']}; " + notes
         lines.append(f"{name:<10}{s['in']:>9}{s['out']:>9}{s['seconds']:>10.1f}  {notes}")
+    t = manifest.get("tokens")
+    if t and (t["prompt"] or t["completion"]):
+        cost = f"; estimated cost {t['cost']:,.2f} {t['currency']}" if "cost" in t else ""
+        lines.append(f"teacher tokens: {t['prompt']:,} prompt, {t['completion']:,} generated{cost}")
     return "\n".join(lines)
 
 

@@ -190,7 +190,10 @@ def rewrite_table(problems: pa.Table, cfg: RewriteConfig, rewriter: Engine, teac
         question=p["question"])}]) for p, m in requests]
     sampling = [Sampling(n=cfg.per_problem, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                          seed=request_seed(cfg.seed, f"{p['problem_id']}:{m}")) for p, m in requests]
-    outputs = rewriter.generate(rewriter.tokenize(prompts), sampling) if requests else []
+    prompt_ids = rewriter.tokenize(prompts) if requests else []
+    outputs = rewriter.generate(prompt_ids, sampling) if requests else []
+    tokens = {"prompt_tokens": sum(len(ids) * s.n for ids, s in zip(prompt_ids, sampling)),
+              "generated_tokens": sum(c.num_tokens for cs in outputs for c in cs if c.error is None)}
     candidates = []
     for (parent, mode), completions in zip(requests, outputs):
         for k, c in enumerate(completions):
@@ -216,8 +219,10 @@ def rewrite_table(problems: pa.Table, cfg: RewriteConfig, rewriter: Engine, teac
     check_rollout = replace(rollout, num_traces=cfg.check_samples, seed=request_seed(cfg.seed, "rewrite-check"))
     if check_rollout.seed == rollout.seed:  # would reproduce the rollout stage's traces exactly
         raise ValueError("rewrite.seed gives the check the rollout stage's seed; pick another rewrite.seed")
-    traces, check_rejected, _ = rollout_table(schema.table(candidates, problems.schema), check_rollout, teacher) \
+    traces, check_rejected, check_stats = rollout_table(schema.table(candidates, problems.schema), check_rollout, teacher) \
         if candidates else (None, schema.table([], schema.REJECTED), {})
+    for k in tokens:  # the rewriter's tokens and the teacher's check rollouts
+        tokens[k] += check_stats.get(k, 0)
     unchecked: dict[str, tuple[str, str]] = {}  # a prompt too long, or a server request that failed
     for r in check_rejected.to_pylist():
         unchecked.setdefault(r["problem_id"], (f"check_{r['drop_reason']}", r["detail"]))
@@ -255,4 +260,4 @@ def rewrite_table(problems: pa.Table, cfg: RewriteConfig, rewriter: Engine, teac
         else:
             reject(c, reason, detail)
     out = schema.table(rows + accepted, out_schema)
-    return out, schema.table(rejected, schema.REJECTED), {"rewrites": counts}
+    return out, schema.table(rejected, schema.REJECTED), {"rewrites": counts, **tokens}

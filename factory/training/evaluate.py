@@ -28,7 +28,7 @@ from typing import Callable
 import pyarrow.parquet as pq
 
 from factory import config as config_mod
-from factory import answers, store
+from factory import answers, console, store
 from factory.engines import Engine, EngineConfig
 from factory.stages.grade import GradeConfig
 from factory.stages.ingest import IngestConfig
@@ -152,14 +152,18 @@ def _natural(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
-def evaluate(recipe: EvalRecipe, engine: Engine | None = None, log=print) -> dict:
+def evaluate(recipe: EvalRecipe, engine: Engine | None = None, log=console.say) -> dict:
     """Sample, grade and score; writes run.output_dir/eval.json and returns it."""
-    runner = Runner(recipe, engine, log)
+    runner = Runner(recipe, engine, log, command="eval")
     runner.run_dir.mkdir(parents=True, exist_ok=True)
     try:
         graded = runner.run_grade(runner.run_rollout(runner.run_ingest()))
+    except BaseException as e:
+        runner.progress.finish("failed", error=f"{type(e).__name__}: {e}"[:2000])
+        raise
     finally:
         runner.close()
+    runner.progress.finish("finished")
     rows = graded.read().to_pylist()
     result = {"model": recipe.engine.model, "n": recipe.rollout.num_traces,
               "temperature": recipe.rollout.temperature, **summarize(rows, recipe.eval, recipe.rollout.num_traces),

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from transformers import TrainerCallback
 
 from factory import config as config_mod
-from factory import store
+from factory import console, store
 from factory.training.curriculum import OrderConfig, training_order
 
 
@@ -201,6 +201,30 @@ def world_size() -> int:
 # --- the order log ----------------------------------------------------------------------
 
 
+class ConsoleProgress(TrainerCallback):
+    """One live line on the terminal while transformers' own bar and log lines go to the log:
+    optimizer steps done / total, the last logged loss, ETA."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.bar = console.bar(state.max_steps, self.desc, "step", state.global_step)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 class OrderLog(TrainerCallback):
     """Wraps TRL's collator: notes the ids of every micro-batch it collates, then passes the batch
     on without our metadata columns. With a sequential sampler and no dataloader workers,
@@ -342,7 +366,7 @@ class Plan:
     report: dict
 
 
-def plan(kind: str, recipe: SFTRecipe | DPORecipe, log: Callable[[str], None] = print) -> Plan:
+def plan(kind: str, recipe: SFTRecipe | DPORecipe, log: Callable[[str], None] = console.say) -> Plan:
     """Read the shards, measure lengths, fix the order and build TRL's arguments."""
     data, consumed = read_run(recipe.data.run_dir, kind)
     tokenizer = load_tokenizer(recipe.model)
@@ -351,6 +375,9 @@ def plan(kind: str, recipe: SFTRecipe | DPORecipe, log: Callable[[str], None] = 
     kept = data.take(keep)
     per_step = recipe.train.per_device_train_batch_size * recipe.train.gradient_accumulation_steps * world_size()
     order = training_order(kept.column("difficulty").to_pylist(), recipe.data.order, per_step)
+    max_steps = recipe.train.extra.get("max_steps", -1)
+    if max_steps and max_steps > 0:  # training stops there: the rest of the order would be tokenized for nothing
+        order = order[: max_steps * per_step]
     args = trl_args(kind, recipe, max_length)
     report = {
         "kind": kind, "recipe": config_mod.to_dict(recipe), "data": consumed,
@@ -392,10 +419,12 @@ def build_trainer(recipe: SFTRecipe | DPORecipe, p: Plan):
                          p.args.gradient_accumulation_steps, ids, drop=set(TEXT_COLUMNS[kind] + ids))
     trainer.data_collator = order_log
     trainer.add_callback(order_log)
+    if console.log_path() is not None:  # the terminal is quiet: show the steps there
+        trainer.add_callback(ConsoleProgress(f"{kind} {Path(recipe.train.output_dir).name}"))
     return trainer
 
 
-def train(kind: str, recipe: SFTRecipe | DPORecipe, dry_run: bool = False, log: Callable[[str], None] = print) -> dict:
+def train(kind: str, recipe: SFTRecipe | DPORecipe, dry_run: bool = False, log: Callable[[str], None] = console.say) -> dict:
     """Train (or, with dry_run, plan without loading weights) and write the run's reports.
 
     Returns the report written to output_dir/factory_train.json (the plan, for a dry run).
