@@ -62,6 +62,7 @@ ROLLOUT_COLUMNS = [
     ("finish_reason", pa.string()),
     ("num_tokens", pa.int32()),
     ("truncated", pa.bool_()),
+    ("forced_answer", pa.bool_()),  # still thinking at rollout.max_think_tokens: closed and continued
     ("teacher_model", pa.string()),
     ("sampling", pa.string()),  # JSON of the sampling parameters, request seed included
 ]

@@ -35,6 +35,7 @@ class Completion:
     finish_reason: str  # "stop" | "length" (| "abort" from a server; "error": see error)
     error: str | None = None  # set when a server request failed after its retries: not a trace
     max_tokens: int | None = None  # the budget it really had, when the engine had to shrink it to fit the context
+    forced_answer: bool = False  # closed at the thinking budget and continued (rollout.max_think_tokens)
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,9 @@ class Engine(Protocol):
     def stream(self, requests: Iterable[Request], window: int | None = None) -> Iterator[tuple[Any, list[Completion]]]:
         """Keep up to `window` sequences in flight, pulling requests from `requests` as earlier
         ones finish (across any boundary the caller has, e.g. shards); yield (key, completions)
-        for each request as soon as all its samples are done, in completion order."""
+        for each request as soon as all its samples are done, in completion order. The source
+        may yield None: nothing to send until a request in flight finishes (its consumer may
+        then have follow-up requests, e.g. the thinking budget's second phase)."""
         ...
 
 
@@ -92,6 +95,16 @@ class ServerConfig:
 
 
 @dataclass
+class PriceConfig:
+    """What the teacher's tokens cost, for the estimate in a run's summary and dataset card."""
+    prompt_per_million: float = 0.0
+    """Price of a million prompt tokens (every sample's request counts its prompt)."""
+    completion_per_million: float = 0.0
+    """Price of a million generated tokens."""
+    currency: str = "USD"
+
+
+@dataclass
 class EngineConfig:
     backend: str = "vllm"
     """vllm: in-process offline engine | server: an OpenAI-compatible server (engine.server)."""
@@ -116,6 +129,8 @@ class EngineConfig:
     """Engine seed; per-request seeds come from the rollout config."""
     extra: dict = field(default_factory=dict)
     """Other vllm.LLM keyword arguments, passed as they are."""
+    price: PriceConfig | None = None
+    """Token prices (e.g. a hosted teacher's, or a GPU-hour converted); unset: no cost estimate."""
 
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")

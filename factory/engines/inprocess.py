@@ -13,6 +13,9 @@ from typing import Any, Iterable, Iterator
 from factory.engines.base import Completion, EngineConfig, Request, Sampling, resolve_dtype
 
 
+_END = object()
+
+
 def shutdown(llm) -> None:
     """Stop a vllm.LLM's engine processes (where the installed vLLM exposes a shutdown)."""
     engine = getattr(llm, "llm_engine", None)
@@ -39,6 +42,7 @@ class VLLMEngine:
             # worker ("CPU Generator does not use offset"); every rollout request is seeded.
             extra.setdefault("enable_chunked_prefill", False)
         self.config = config
+        self.can_continue = True  # a cut trace can be continued from its text (the thinking budget)
         self.model_name = config.model
         self.dtype, self.dtype_reason = resolve_dtype(config.dtype, torch.cuda.is_available())
         self.llm = LLM(
@@ -93,9 +97,13 @@ class VLLMEngine:
         try:
             while True:
                 while not exhausted and engine.get_num_unfinished_requests() < window:
-                    r = next(it, None)
-                    if r is None:
+                    r = next(it, _END)
+                    if r is _END:
                         exhausted = True
+                        break
+                    if r is None:  # the source has nothing to send until something finishes
+                        if not keys:
+                            raise RuntimeError("stream: the request source is waiting with nothing in flight")
                         break
                     prompt = {"prompt_token_ids": list(r.prompt)} if isinstance(r.prompt, list) else r.prompt
                     params = self.sampling_params(r.sampling)
@@ -112,6 +120,30 @@ class VLLMEngine:
         finally:
             if keys:  # the consumer stopped early (an error, a kill): leave no orphan requests behind
                 engine.abort_request(list(keys))
+
+    def load_weights(self, model_dir: str) -> None:
+        """Swap in the weights of another checkpoint of the same architecture and tokenizer
+        (vLLM's in-place `reload_weights`, what RL loops use to refresh their generator), so
+        several fine-tunes of one base are evaluated by one engine instead of one start each.
+        The prefix cache is cleared; `model_name` becomes `model_dir`."""
+        import filecmp
+        import json
+        from pathlib import Path
+
+        here, there = Path(self.config.model), Path(model_dir)
+        shape = ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+        a, b = (json.loads((d / "config.json").read_text()) for d in (here, there))
+        differs = [k for k in shape if a.get(k) != b.get(k)]
+        if not (there / "tokenizer.json").exists() or not filecmp.cmp(here / "tokenizer.json", there / "tokenizer.json",
+                                                                     shallow=False):
+            differs.append("tokenizer.json")
+        if differs:
+            raise ValueError(f"{model_dir}: {', '.join(differs)} differ from {self.config.model}'s; "
+                             "its weights cannot be swapped into this engine")
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+        self.llm.reset_prefix_cache()
+        self.model_name = str(model_dir)
 
     def close(self) -> None:
         """Shut down the engine's processes (a script that ends does this anyway)."""

@@ -45,6 +45,9 @@ from typing import Callable, Iterable, Iterator
 from factory.engines.base import Completion, Request, Sampling, ServerConfig
 
 
+_END = object()
+
+
 class PromptIds(list):
     """Token ids that remember their prompt text (what a server is sent)."""
 
@@ -117,6 +120,7 @@ class ServerEngine:
         self.model_name = model
         self.max_model_len = max_model_len
         self.cfg = cfg
+        self.can_continue = cfg.api == "completions"  # a chat API cannot continue a cut trace
         self.journal = Journal(cfg.journal or journal)
         tok_dir = cfg.tokenizer or (model if Path(model).is_dir() else None)
         self.tokenizer = None
@@ -201,9 +205,13 @@ class ServerEngine:
         try:
             while True:
                 while not exhausted and in_flight < window:
-                    r = next(it, None)
-                    if r is None:
+                    r = next(it, _END)
+                    if r is _END:
                         exhausted = True
+                        break
+                    if r is None:  # the source has nothing to send until something finishes
+                        if not open_requests:
+                            raise RuntimeError("stream: the request source is waiting with nothing in flight")
                         break
                     text = r.prompt.text if isinstance(r.prompt, PromptIds) else r.prompt
                     s, rid = r.sampling, next(counter)

@@ -61,6 +61,14 @@ class Teacher:
 
     def sequence(self, prompt: str, seed: int, max_tokens: int) -> tuple[str, int, str]:
         """(text, tokens, finish_reason) of the sequence seeded `seed` for `prompt`."""
+        if prompt.rstrip().endswith("</think>"):  # a trace closed at a thinking budget: answer at once
+            question = prompt[:prompt.find("<think>")] if "<think>" in prompt else prompt
+            m = re.findall(r"(\d+) \+ (\d+)", question)
+            truth = int(m[-1][0]) + int(m[-1][1]) if m else 0
+            right = _unit(question, seed, "forced") < _unit(question, "p") / 2  # guessing: half as often right
+            text = f"The answer is $\\boxed{{{truth if right else truth + 1}}}$."
+            tokens = max(1, len(text) // 4)
+            return (text, tokens, "stop") if tokens <= max_tokens else (text[:4 * max_tokens], max_tokens, "length")
         u1, u2 = _unit(prompt, seed, "a"), _unit(prompt, seed, "b")
         z = math.sqrt(-2 * math.log(1 - u1)) * math.cos(2 * math.pi * u2)  # Box-Muller
         want = max(16, int(self.median * math.exp(self.sigma * z)))

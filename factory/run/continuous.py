@@ -22,6 +22,7 @@ rows, and one shard's traces while it is sealed, never by the run.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import time
@@ -31,7 +32,8 @@ from typing import Callable, Iterator
 
 from factory import schema, store
 from factory.engines import Completion, Engine, Request
-from factory.stages.rollout import Prepared, RolloutConfig, prepare, sampling_key, trace_rows, traces_table
+from factory.stages.rollout import (Prepared, RolloutConfig, continuations, merge_continuation, prepare, sampling_key,
+                                    trace_rows, traces_table)
 
 
 class PartialLog:
@@ -69,8 +71,8 @@ class PartialLog:
             self._f = open(self.path, "ab")
             if self._f.tell():  # a cut line from a killed run must not swallow this one
                 self._f.write(b"\n")
-        rec = {"problem_id": problem_id,
-               "completions": [[c.text, c.num_tokens, c.finish_reason, c.error, c.max_tokens] for c in completions]}
+        rec = {"problem_id": problem_id, "completions": [
+            [c.text, c.num_tokens, c.finish_reason, c.error, c.max_tokens, c.forced_answer] for c in completions]}
         self._f.write(json.dumps(rec, ensure_ascii=False).encode() + b"\n")
         self._f.flush()
         if time.monotonic() - self._synced > self.FSYNC_EVERY_S:
@@ -99,18 +101,26 @@ class OpenShard:
     log: PartialLog
     waiting: set[str] = field(default_factory=set)  # problem ids not yet durable
     submitted: bool = False  # every request of the shard has been handed to the engine
+    by_id: dict | None = None  # problem id -> Prepared, built when the thinking budget needs it
 
 
 class ContinuousRollout:
     """Streams the pending shards of `upstream` through `engine` into stage dir `sd`."""
 
     def __init__(self, sd: store.StageDir, upstream: store.StageDir, cfg: RolloutConfig, engine: Engine,
-                 window: int | None = None, on_seal: Callable[[int, dict], None] | None = None):
+                 window: int | None = None, on_seal: Callable[[int, dict], None] | None = None,
+                 on_problem: Callable[[int, int, int], None] | None = None):
         self.sd, self.up, self.cfg, self.engine, self.window = sd, upstream, cfg, engine, window
         self.on_seal = on_seal or (lambda i, stats: None)
+        # (problems, traces, tokens) as they become durable: for the live progress line
+        self.on_problem = on_problem or (lambda problems, traces, tokens: None)
         self.key = sampling_key(cfg, engine.model_name)
         self.open: dict[int, OpenShard] = {}
         self._clock, self._cpu = time.perf_counter(), time.process_time()
+        # the thinking budget's second phase: problems waiting for continuations, and the
+        # continuation requests not yet handed to the engine (sent before new problems)
+        self.forcing: dict[tuple[int, str], list] = {}
+        self.followups: collections.deque = collections.deque()
 
     def partial(self, i: int) -> PartialLog:
         return PartialLog(self.sd.shard(i).with_suffix(".partial.jsonl"))
@@ -125,20 +135,41 @@ class ContinuousRollout:
             shard = self.open[i] = OpenShard(i, fits, rejected, shrunk, table.num_rows, table.schema, log)
             del table
             shard.waiting = {p.row["problem_id"] for p in fits} - durable.keys()
+            self.on_problem(len(fits) - len(shard.waiting) + len(rejected),
+                            sum(len(durable[p.row["problem_id"]]) for p in fits if p.row["problem_id"] in durable), 0)
             del durable
             for p in fits:
+                while self.followups:
+                    yield self.followups.popleft()
                 if p.row["problem_id"] in shard.waiting:
                     yield Request((i, p.row["problem_id"]), p.ids, p.sampling)
             shard.submitted = True
             if not shard.waiting:  # everything was durable already (or nothing fits)
                 self.seal(shard)
+        # the last problems' continuations: until every open shard's problems are durable, a
+        # problem in flight may still come back cut at the thinking budget
+        while self.cfg.max_think_tokens is not None and any(s.waiting for s in self.open.values()):
+            yield self.followups.popleft() if self.followups else None
 
     def run(self, shards: list[int]) -> None:
         try:
-            for (i, pid), completions in self.engine.stream(self.requests(shards), self.window):
+            for key, completions in self.engine.stream(self.requests(shards), self.window):
+                if len(key) == 3:  # a continuation of sample k
+                    i, pid, k = key
+                    entry = self.forcing[(i, pid)]
+                    entry[0][k] = merge_continuation(entry[0][k], completions[0], entry[1].pop(k), self.cfg)
+                    if entry[1]:
+                        continue
+                    completions = entry[0]
+                    del self.forcing[(i, pid)]
+                else:
+                    i, pid = key
+                    if self.cfg.max_think_tokens is not None and self.budget(i, pid, completions):
+                        continue
                 shard = self.open[i]
                 shard.log.append(pid, completions)
                 shard.waiting.discard(pid)
+                self.on_problem(1, sum(c.error is None for c in completions), sum(c.num_tokens for c in completions))
                 if shard.submitted and not shard.waiting:
                     self.seal(shard)
         finally:
@@ -147,21 +178,36 @@ class ContinuousRollout:
         if self.open:
             raise RuntimeError(f"rollout: shards {sorted(self.open)} still have problems without traces")
 
+    def budget(self, i: int, pid: str, completions: list[Completion]) -> bool:
+        """Queue the continuations of the samples cut at the thinking budget; False if none."""
+        shard = self.open[i]
+        if shard.by_id is None:
+            shard.by_id = {p.row["problem_id"]: p for p in shard.requests}
+        p = shard.by_id[pid]
+        todo = continuations(p, completions, self.cfg, self.engine)
+        if not todo:
+            return False
+        self.forcing[(i, pid)] = [list(completions), {k: forced for k, _, _, forced in todo}]
+        self.followups.extend(Request((i, pid, k), ids, sampling) for k, ids, sampling, _ in todo)
+        return True
+
     def seal(self, shard: OpenShard) -> None:
         """Build the shard's traces from its partial file, in problem order, and write it whole."""
         shard.log.close()
         got = shard.log.read()
-        traces, rejected, tokens = [], list(shard.rejected), 0
+        traces, rejected, tokens, prompt_tokens = [], list(shard.rejected), 0, 0
         for p in shard.requests:
             t, r, n = trace_rows(p, got[p.row["problem_id"]], self.key, self.engine.model_name)
             traces += t
             rejected += r
             tokens += n
+            prompt_tokens += len(p.ids) * len(t)  # each sample's request carries the prompt
         out, dropped = traces_table(traces, shard.schema), schema.table(rejected, schema.REJECTED)
         del traces, got
         now, cpu = time.perf_counter(), time.process_time()
         # the stream's time and driver CPU since the previous seal: summed over shards they are the stage's
-        stats = {"generated_tokens": tokens, "generate_seconds": now - self._clock, "budget_shrunk": shard.shrunk,
+        stats = {"generated_tokens": tokens, "prompt_tokens": prompt_tokens, "generate_seconds": now - self._clock,
+                 "budget_shrunk": shard.shrunk,
                  "driver_cpu_seconds": cpu - self._cpu, "rows_in": shard.rows_in, "rows_out": out.num_rows,
                  "dropped": store.count_reasons(dropped), "seconds": now - self._clock}
         self._clock, self._cpu = now, cpu
@@ -173,7 +219,8 @@ class ContinuousRollout:
 
 def rollout_shards(sd: store.StageDir, upstream: store.StageDir, shards: list[int], cfg: RolloutConfig,
                    engine: Engine, window: int | None = None,
-                   on_seal: Callable[[int, dict], None] | None = None) -> None:
+                   on_seal: Callable[[int, dict], None] | None = None,
+                   on_problem: Callable[[int, int, int], None] | None = None) -> None:
     """Roll out `shards` of `upstream` into `sd` continuously; returns when all are sealed."""
     if shards:
-        ContinuousRollout(sd, upstream, cfg, engine, window, on_seal).run(shards)
+        ContinuousRollout(sd, upstream, cfg, engine, window, on_seal, on_problem).run(shards)

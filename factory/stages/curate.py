@@ -32,6 +32,9 @@ class CurateConfig:
     """Problems above this pass rate are dropped (e.g. 0.875 drops those every trace solves)."""
     difficulty_buckets: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
     """Edges on difficulty (1 - pass rate); bucket i holds edges[i-1] <= d < edges[i]."""
+    keep_forced: bool = False
+    """Traces closed at the thinking budget (rollout.max_think_tokens, forced_answer) count for
+    the pass rate either way; false: they are not SFT rows or chosen sides of pairs."""
     drop_truncated: bool = True
     """Drop correct traces that hit max_tokens (their reasoning was cut off)."""
     require_format: bool = True
@@ -124,6 +127,9 @@ def curate_table(graded: pa.Table, cfg: CurateConfig, prompt_fn: Callable[[str],
         for t in traces:
             if t["verdict"] != "correct":
                 drop(t, f"verdict_{t['verdict']}", t["grade_detail"] or "")
+            elif t.get("forced_answer") and not cfg.keep_forced:
+                drop(t, "forced_answer", f"still thinking at the budget; answered after a forced close "
+                     f"({t['num_tokens']} tokens)")
             elif cfg.drop_truncated and t["truncated"]:
                 drop(t, "truncated", f"hit max_tokens after {t['num_tokens']} tokens")
             elif cfg.require_format and not t["format_ok"]:

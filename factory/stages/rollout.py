@@ -53,6 +53,26 @@ class RolloutConfig:
     """Override of the tokenizer's chat template: a Jinja string or a path to a .jinja file."""
     stop: list[str] | None = None
     """Extra stop strings."""
+    max_think_tokens: int | None = None
+    """Thinking budget (s1's budget forcing): a sample still inside <think> after this many
+    tokens is closed with `force_answer_text` and continued for `forced_answer_tokens` more,
+    flagged forced_answer; one that closed its think block in time but is cut while
+    answering gets the rest of max_tokens. Unset: no budget (max_tokens alone)."""
+    forced_answer_tokens: int = 64
+    """Answer budget after a forced close."""
+    force_answer_text: str = "\n</think>\n\n"
+    """Appended to a sample cut inside its thinking, before the answer is asked for."""
+
+
+def check_budget(cfg: RolloutConfig) -> None:
+    if cfg.max_think_tokens is not None and not 0 < cfg.max_think_tokens < cfg.max_tokens:
+        raise ValueError(f"rollout.max_think_tokens={cfg.max_think_tokens} must be between 0 and "
+                         f"rollout.max_tokens={cfg.max_tokens} (the budget leaves room for the answer)")
+    if cfg.max_think_tokens is not None and THINK_CLOSE_TOKEN not in cfg.force_answer_text:
+        raise ValueError(f"rollout.force_answer_text={cfg.force_answer_text!r} must close the think block (</think>)")
+
+
+THINK_CLOSE_TOKEN = answers.THINK_CLOSE
 
 
 def request_seed(base: int, problem_id: str) -> int:
@@ -94,8 +114,11 @@ def sampling_key(cfg: RolloutConfig, model: str) -> str:
     per-request seed or a budget shrunk to fit the context (so ids are stable)."""
     base = Sampling(n=cfg.num_traces, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                     stop=tuple(cfg.stop or ()))
-    return json.dumps({"model": model, **{k: v for k, v in base.to_dict().items() if k != "seed"},
-                       "seed": cfg.seed, "format": cfg.prompt_format}, sort_keys=True)
+    key = {"model": model, **{k: v for k, v in base.to_dict().items() if k != "seed"},
+           "seed": cfg.seed, "format": cfg.prompt_format}
+    if cfg.max_think_tokens is not None:  # (absent otherwise: ids of runs without a budget stay as they were)
+        key["think_budget"] = [cfg.max_think_tokens, cfg.forced_answer_tokens, cfg.force_answer_text]
+    return json.dumps(key, sort_keys=True)
 
 
 def prepare(rows: list[dict], cfg: RolloutConfig, engine: Engine) -> tuple[list[Prepared], list[dict], int]:
@@ -107,6 +130,10 @@ def prepare(rows: list[dict], cfg: RolloutConfig, engine: Engine) -> tuple[list[
     Returns:
         (requests, rejected rows (prompt_too_long), number of budgets shrunk).
     """
+    check_budget(cfg)
+    if cfg.max_think_tokens is not None and not getattr(engine, "can_continue", True):
+        raise ValueError("rollout.max_think_tokens continues cut traces from their text: it needs "
+                         "engine.server.api: completions (a chat API cannot continue a message)")
     prompts = [render_prompt(r["question"], cfg, engine) for r in rows]
     token_ids = engine.tokenize(prompts)
     fits, rejected, shrunk = [], [], 0
@@ -118,18 +145,62 @@ def prepare(rows: list[dict], cfg: RolloutConfig, engine: Engine) -> tuple[list[
                 detail=f"prompt has {len(ids)} tokens; engine.max_model_len is {engine.max_model_len}"))
             continue
         shrunk += room < cfg.max_tokens and bool(ids)  # a hosted chat API gives no local ids
+        budget = min(cfg.max_tokens, room) if ids else cfg.max_tokens
+        if cfg.max_think_tokens is not None:  # the first phase stops at the thinking budget
+            budget = min(budget, cfg.max_think_tokens)
         fits.append(Prepared(row, prompt, ids, Sampling(
-            n=cfg.num_traces, temperature=cfg.temperature, top_p=cfg.top_p,
-            max_tokens=min(cfg.max_tokens, room) if ids else cfg.max_tokens,
+            n=cfg.num_traces, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=budget,
             seed=request_seed(cfg.seed, row["problem_id"]), stop=tuple(cfg.stop or ()))))
     return fits, rejected, shrunk
+
+
+# -- the thinking budget ---------------------------------------------------------------------
+
+def _think_prefix(p: Prepared) -> str:
+    # an R1-distill template prefills "<think>\n": the completion is inside the block from its start
+    return answers.THINK_OPEN + "\n" if p.prompt.rstrip().endswith(answers.THINK_OPEN) else ""
+
+
+def continuations(p: Prepared, completions: list[Completion], cfg: RolloutConfig, engine: Engine) -> list[tuple]:
+    """The second requests of a budgeted rollout: (sample index, prompt ids, sampling, forced)
+    for each sample the first phase cut at the budget. Inside <think>: closed with
+    force_answer_text and given forced_answer_tokens; already answering: continued with the
+    rest of max_tokens. Samples that ended on their own need nothing."""
+    if cfg.max_think_tokens is None:
+        return []
+    out = []
+    for k, c in enumerate(completions):
+        if c.error is not None or c.finish_reason != "length":
+            continue
+        text = _think_prefix(p) + c.text
+        split = answers.split_think(text)
+        forced = split.reasoning is not None and not split.think_closed
+        prompt = p.prompt + c.text + (cfg.force_answer_text if forced else "")
+        ids = engine.tokenize([prompt])[0]
+        budget = cfg.forced_answer_tokens if forced else cfg.max_tokens - c.num_tokens
+        room = engine.max_model_len - len(ids) if len(ids) else budget
+        if budget <= 0 or room <= 0:
+            continue  # no room left: the sample stays truncated
+        seed = None if p.sampling.seed is None else request_seed(p.sampling.seed, f"continue:{k}")
+        out.append((k, ids, replace(p.sampling, n=1, max_tokens=min(budget, room), seed=seed), forced))
+    return out
+
+
+def merge_continuation(first: Completion, second: Completion, forced: bool, cfg: RolloutConfig) -> Completion:
+    """A sample's two phases as one completion: its text reads as one trace (the forced close
+    included), its tokens are the generated ones, its finish reason the second phase's."""
+    if second.error is not None:
+        return Completion(first.text, first.num_tokens, first.finish_reason, second.error, first.max_tokens, forced)
+    return Completion(first.text + (cfg.force_answer_text if forced else "") + second.text,
+                      first.num_tokens + second.num_tokens, second.finish_reason, None, first.max_tokens, forced)
+
 
 
 def trace_rows(p: Prepared, completions: list[Completion], key: str, model: str) -> tuple[list[dict], list[dict], int]:
     """A problem's K completions as trace rows (and request_failed rejections); returns tokens too."""
     row = p.row
     # an R1-distill template prefills "<think>\n": put it back so the trace reads whole
-    prefix = answers.THINK_OPEN + "\n" if p.prompt.rstrip().endswith(answers.THINK_OPEN) else ""
+    prefix = _think_prefix(p)
     traces, rejected, tokens = [], [], 0
     for k, c in enumerate(completions):
         tid = trace_id(row["problem_id"], k, key)
@@ -145,7 +216,7 @@ def trace_rows(p: Prepared, completions: list[Completion], key: str, model: str)
             **row, "trace_id": tid, "sample_index": k,
             "text": text, "reasoning": split.reasoning, "answer_text": split.answer_text,
             "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
-            "truncated": c.finish_reason == "length", "teacher_model": model,
+            "truncated": c.finish_reason == "length", "forced_answer": c.forced_answer, "teacher_model": model,
             "sampling": json.dumps(request.to_dict()),
         })
     return traces, rejected, tokens
@@ -161,14 +232,22 @@ def rollout_table(problems: pa.Table, cfg: RolloutConfig, engine: Engine, progre
     fits, rejected, shrunk = prepare(problems.to_pylist(), cfg, engine)
     t0 = time.perf_counter()
     outputs = engine.generate([p.ids for p in fits], [p.sampling for p in fits], progress=progress) if fits else []
+    second = [(i, *c) for i, (p, out) in enumerate(zip(fits, outputs)) for c in continuations(p, out, cfg, engine)]
+    if second:  # the thinking budget's second phase, all in one call
+        more = engine.generate([c[2] for c in second], [c[3] for c in second])
+        for (i, k, _, _, forced), got in zip(second, more):
+            outputs[i] = list(outputs[i])
+            outputs[i][k] = merge_continuation(outputs[i][k], got[0], forced, cfg)
     seconds = time.perf_counter() - t0
-    key, traces, tokens = sampling_key(cfg, engine.model_name), [], 0
+    key, traces, tokens, prompt_tokens = sampling_key(cfg, engine.model_name), [], 0, 0
     for p, completions in zip(fits, outputs):
         t, r, n = trace_rows(p, completions, key, engine.model_name)
         traces += t
         rejected += r
         tokens += n
-    stats = {"generated_tokens": tokens, "generate_seconds": seconds, "budget_shrunk": shrunk}
+        prompt_tokens += len(p.ids) * len(t)
+    stats = {"generated_tokens": tokens, "prompt_tokens": prompt_tokens, "generate_seconds": seconds,
+             "budget_shrunk": shrunk}
     return traces_table(traces, problems.schema), schema.table(rejected, schema.REJECTED), stats
 
 
