@@ -21,7 +21,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from factory.demo import arith
-from factory import config as config_mod, schema, store
+from factory.engines import make_engine
+from factory import config as config_mod, console, schema, store
 from factory.training import evaluate
 from factory.run import pipeline
 from factory.training import train as train_mod
@@ -199,10 +200,14 @@ def report(run: Path, results: dict[str, dict], phrasing: dict[str, dict], prm: 
     return text, "\n".join(html)
 
 
-def run_demo(recipe: DemoRecipe, log=print) -> dict:
+def run_demo(recipe: DemoRecipe, log=console.say) -> dict:
     t0 = time.perf_counter()
     run = Path(recipe.pipeline.run.output_dir)
-    manifest = pipeline.run(recipe.pipeline, log=log)
+    runner = pipeline.Runner(recipe.pipeline, log=log)
+    manifest = runner.run()
+    # the teacher's engine, if the run started one, evaluates the students: they share its
+    # architecture and tokenizer, so their weights are swapped in instead of starting engines
+    engine = runner.started_engine
     student = recipe.demo.student
     trained = {}
 
@@ -232,15 +237,26 @@ def run_demo(recipe: DemoRecipe, log=print) -> dict:
         train_mod.train("dpo", d, log=log)
     trained["student-dpo"] = str(dpo_out)
     results, phrasing = {}, {}
-    for name, model in [("student-base", student)] + list(trained.items()):
-        e = config_mod.from_dict(evaluate.EvalRecipe, config_mod.to_dict(recipe.eval))
-        e.engine.model, e.run.output_dir = model, str(run / "eval" / name)
-        out = Path(e.run.output_dir)
-        if reuse(out, {"recipe": config_mod.to_dict(e), "model": model_key(model)}, "eval.json"):
-            results[name] = json.loads((out / "eval.json").read_text())
-        else:
-            results[name] = evaluate.evaluate(e, log=log)
-        phrasing[name] = pass_by_phrasing(out)
+    try:
+        for name, model in [("student-base", student)] + list(trained.items()):
+            e = config_mod.from_dict(evaluate.EvalRecipe, config_mod.to_dict(recipe.eval))
+            e.engine.model, e.run.output_dir = model, str(run / "eval" / name)
+            out = Path(e.run.output_dir)
+            if reuse(out, {"recipe": config_mod.to_dict(e), "model": model_key(model)}, "eval.json"):
+                results[name] = json.loads((out / "eval.json").read_text())
+            else:
+                if engine is None:
+                    log(f"eval: starting vLLM with {model} ...")
+                    engine = make_engine(e.engine, out)
+                elif engine.model_name != model:
+                    if not hasattr(engine, "load_weights"):  # a server: its weights are not ours to swap
+                        raise ValueError("the demo evaluates its students in-process: set pipeline.engine.backend: vllm")
+                    engine.load_weights(model)
+                results[name] = evaluate.evaluate(e, engine=engine, log=log)
+            phrasing[name] = pass_by_phrasing(out)
+    finally:
+        if engine is not None:
+            engine.close()
     prm = prm_vs_ground_truth(run, recipe.demo, recipe.pipeline.score.split) if recipe.pipeline.score else \
         {"f1": float("nan"), "acc_erroneous": float("nan"), "acc_correct": float("nan"), "erroneous": 0, "correct": 0}
     seconds = time.perf_counter() - t0

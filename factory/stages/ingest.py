@@ -50,6 +50,12 @@ class IngestConfig:
     """Longer reference answers are rejected (answer_too_long): graders want a final answer."""
     problems_per_shard: int = 256
     """Problems per output shard: the unit of work and of resume for later stages."""
+    sample: int | None = None
+    """Keep this many of the valid problems, drawn by a seeded hash of each problem_id (the
+    same problems whatever the file order or sharding); the others are rejected as
+    not_sampled. Unset: all."""
+    sample_seed: int = 0
+    """Seed of the draw."""
 
 
 FIELDS = ("problem_id", "question", "answer", "domain", "choices", "source", "split", "level")
@@ -225,4 +231,12 @@ def ingest(cfg: IngestConfig) -> tuple[pa.Table, pa.Table, list[str]]:
                 continue
             seen[key] = row["problem_id"]
             rows.append(row)
+    if cfg.sample is not None and cfg.sample < len(rows):
+        rank = lambda r: hashlib.sha256(f"{cfg.sample_seed}:{r['problem_id']}".encode()).digest()  # noqa: E731
+        chosen = {r["problem_id"] for r in sorted(rows, key=rank)[: cfg.sample]}
+        for r in rows:
+            if r["problem_id"] not in chosen:
+                rejected.append(schema.rejected_row("ingest", "not_sampled", r, f"ingest.sample={cfg.sample} of "
+                                                    f"{len(rows)} (seed {cfg.sample_seed})", problem_id=r["problem_id"]))
+        rows = [r for r in rows if r["problem_id"] in chosen]  # file order kept
     return schema.table(rows, schema.PROBLEMS), schema.table(rejected, schema.REJECTED), messages
