@@ -16,6 +16,19 @@ from factory.engines.base import Completion, EngineConfig, Request, Sampling, re
 _END = object()
 
 
+def _refresh_tied_lm_head(worker) -> None:
+    """Runs in the vLLM worker after `reload_weights`. A tied lm_head has no checkpoint tensor
+    of its own, so vLLM 0.32's layerwise reload skips it ("ParallelLMHead: Failed to load
+    weights") and its CPU GEMM keeps the weights packed at the first load: the logits stay
+    the old model's. Re-tie it to the reloaded embedding and pack again."""
+    model = worker.model_runner.get_model()
+    head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is None or embed is None or not getattr(model.config, "tie_word_embeddings", False):
+        return
+    head.weight = embed.weight
+    head.quant_method.process_weights_after_loading(head)
+
+
 def shutdown(llm) -> None:
     """Stop a vllm.LLM's engine processes (where the installed vLLM exposes a shutdown)."""
     engine = getattr(llm, "llm_engine", None)
@@ -32,6 +45,8 @@ class VLLMEngine:
             raise ValueError("engine.model is empty: set it in the recipe or with engine.model=PATH")
         if config.cpu_kv_cache_space_gb is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_space_gb)
+        # load_weights sends a function to this engine's own worker (local IPC, never a network)
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         from vllm import LLM
 
         extra = dict(config.extra)
@@ -142,6 +157,7 @@ class VLLMEngine:
             raise ValueError(f"{model_dir}: {', '.join(differs)} differ from {self.config.model}'s; "
                              "its weights cannot be swapped into this engine")
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+        self.llm.collective_rpc(_refresh_tied_lm_head)
         self.llm.reset_prefix_cache()
         self.model_name = str(model_dir)
 

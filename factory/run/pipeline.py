@@ -289,8 +289,9 @@ class Runner:
 
             # the live unit is the problem (a shard can take minutes); shards are counted beside it
             problems = sum(upstream.shard_rows(i) for i in pending)
+            engine = self.engine if pending else None  # started before the live line, which it would break
             self.progress.begin(name, problems, unit="problem")
-            rollout_shards(sd, upstream, pending, self.recipe.rollout, self.engine,
+            rollout_shards(sd, upstream, pending, self.recipe.rollout, engine,
                            on_seal=lambda i, stats: self.progress.add(shards=1),
                            on_problem=lambda k, traces, tokens: self.progress.advance(k, traces=traces, tokens=tokens))
         else:
