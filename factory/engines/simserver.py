@@ -41,6 +41,12 @@ def _unit(*parts) -> float:
     return int.from_bytes(h, "big") / 2**64
 
 
+def _truth(prompt: str) -> int:
+    """The sum the prompt's last "a + b" asks for (0 when it asks none)."""
+    m = re.findall(r"(\d+) \+ (\d+)", prompt)
+    return int(m[-1][0]) + int(m[-1][1]) if m else 0
+
+
 class Teacher:
     def __init__(self, slots: int, rate: float, median: float, sigma: float, max_model_len: int,
                  corpus_bytes: int = 1 << 20):
@@ -63,8 +69,7 @@ class Teacher:
         """(text, tokens, finish_reason) of the sequence seeded `seed` for `prompt`."""
         if prompt.rstrip().endswith("</think>"):  # a trace closed at a thinking budget: answer at once
             question = prompt[:prompt.find("<think>")] if "<think>" in prompt else prompt
-            m = re.findall(r"(\d+) \+ (\d+)", question)
-            truth = int(m[-1][0]) + int(m[-1][1]) if m else 0
+            truth = _truth(question)
             right = _unit(question, seed, "forced") < _unit(question, "p") / 2  # guessing: half as often right
             text = f"The answer is $\\boxed{{{truth if right else truth + 1}}}$."
             tokens = max(1, len(text) // 4)
@@ -76,8 +81,7 @@ class Teacher:
         offset = int(_unit(prompt, seed, "offset") * self.half)
         if want > max_tokens:  # cut inside the reasoning
             return "<think>\n" + self.corpus[offset: offset + max(0, 4 * tokens - 8)], tokens, "length"
-        m = re.findall(r"(\d+) \+ (\d+)", prompt)
-        truth = int(m[-1][0]) + int(m[-1][1]) if m else 0
+        truth = _truth(prompt)
         right = _unit(prompt, seed, "right") < _unit(prompt, "p")  # per-problem pass rate
         tail = f"\n</think>\n\nThe answer is $\\boxed{{{truth if right else truth + 1}}}$."
         body = self.corpus[offset: offset + max(0, 4 * tokens - 8 - len(tail))]

@@ -68,11 +68,9 @@ def check_budget(cfg: RolloutConfig) -> None:
     if cfg.max_think_tokens is not None and not 0 < cfg.max_think_tokens < cfg.max_tokens:
         raise ValueError(f"rollout.max_think_tokens={cfg.max_think_tokens} must be between 0 and "
                          f"rollout.max_tokens={cfg.max_tokens} (the budget leaves room for the answer)")
-    if cfg.max_think_tokens is not None and THINK_CLOSE_TOKEN not in cfg.force_answer_text:
+    if cfg.max_think_tokens is not None and answers.THINK_CLOSE not in cfg.force_answer_text:
         raise ValueError(f"rollout.force_answer_text={cfg.force_answer_text!r} must close the think block (</think>)")
 
-
-THINK_CLOSE_TOKEN = answers.THINK_CLOSE
 
 
 def request_seed(base: int, problem_id: str) -> int:
