@@ -20,17 +20,18 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-_terminal = None  # the terminal's stream while quiet() redirects fds 1 and 2
+_terminal = None  # the terminal's (stdout, stderr) while quiet() redirects fds 1 and 2
 _log_path: Path | None = None
 
 
 def out():
-    """Where the command's own lines and bars go: the terminal."""
-    return _terminal or sys.stderr
+    """Where bars and notes go: the terminal's stderr."""
+    return _terminal[1] if _terminal else sys.stderr
 
 
 def say(msg: str = "") -> None:
-    print(msg, file=out(), flush=True)
+    """A line of the command's report: the terminal's stdout (so `factory eval ... > report.txt` works)."""
+    print(msg, file=_terminal[0] if _terminal else sys.stdout, flush=True)
 
 
 def log_path() -> Path | None:
@@ -60,7 +61,7 @@ def quiet(log_dir: Path | str, name: str, verbose: bool = False) -> Iterator[Pat
     for s in (sys.stdout, sys.stderr):
         s.flush()
     saved = os.dup(1), os.dup(2)
-    terminal = os.fdopen(os.dup(2), "w", buffering=1)
+    terminal = _keep(sys.stdout, 1), _keep(sys.stderr, 2)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -84,5 +85,18 @@ def quiet(log_dir: Path | str, name: str, verbose: bool = False) -> Iterator[Pat
         os.dup2(saved[1], 2)
         for fd in saved:
             os.close(fd)
-        terminal.close()
+        for stream, fd in zip(terminal, (1, 2)):
+            if stream is not sys.stdout and stream is not sys.stderr:
+                stream.close()
         _terminal, _log_path = None, None
+
+
+def _keep(stream, fd: int):
+    """The stream that still reaches the terminal once fd is redirected: a copy of fd when
+    `stream` writes to it, else `stream` itself (pytest's capture, a notebook's widget)."""
+    try:
+        if stream.fileno() == fd:
+            return os.fdopen(os.dup(fd), "w", buffering=1)
+    except (AttributeError, OSError, ValueError):
+        pass
+    return stream

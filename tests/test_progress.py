@@ -22,8 +22,9 @@ def test_quiet_sends_library_output_to_the_log(tmp_path, capfd):
         print("a library's line")
         subprocess.run([sys.executable, "-c", "import sys; print('child stdout'); print('child stderr', file=sys.stderr)"])
         console.say("our own line")
+        console.out().write("a bar\n")
     got = capfd.readouterr()
-    assert "our own line" in got.err
+    assert "our own line" in got.out and "a bar" in got.err  # the report on stdout, bars on stderr
     assert "library" not in got.out + got.err and "child" not in got.out + got.err
     text = log.read_text()
     assert "a library's line" in text and "child stdout" in text and "child stderr" in text
