@@ -21,21 +21,42 @@ def rows(run: Path, files: list[str]) -> list[dict]:
     return [r for f in files for r in pq.read_table(run / f).to_pylist()]
 
 
-def test_load_dataset_reads_the_run_through_its_card(full_run):
+def test_load_dataset_reads_the_run_through_its_card(full_run, tmp_path):
     import datasets
 
     run, manifest = full_run
     curriculum = rows(run, [s["file"] for s in manifest["curriculum"]])
     pairs = rows(run, manifest["pairs"])
     assert curriculum and pairs
-    got = datasets.load_dataset(str(run), "curriculum", split="train")
+    got = datasets.load_dataset(str(run), "curriculum", split="train", cache_dir=str(tmp_path))
     assert [r["trace_id"] for r in got] == [r["trace_id"] for r in curriculum]  # easy -> hard, file order kept
     assert got[0]["completion"] == curriculum[0]["completion"]
-    got_pairs = datasets.load_dataset(str(run), "pairs", split="train")
+    got_pairs = datasets.load_dataset(str(run), "pairs", split="train", cache_dir=str(tmp_path))
     assert [(r["chosen_trace_id"], r["rejected_trace_id"]) for r in got_pairs] == \
         [(r["chosen_trace_id"], r["rejected_trace_id"]) for r in pairs]
-    assert datasets.load_dataset(str(run), "difficulty", split="train").num_rows == \
+    assert datasets.load_dataset(str(run), "difficulty", split="train", cache_dir=str(tmp_path)).num_rows == \
         pq.ParquetFile(run / "difficulty.parquet").metadata.num_rows
+
+
+def test_a_run_remade_in_the_same_directory_loads_its_new_rows(full_run, tmp_path):
+    """datasets caches a local folder by its card's header; the card's sizes make a re-made
+    run a new cache entry instead of the previous run's rows."""
+    import datasets
+    import pyarrow as pa
+
+    run = tmp_path / "work" / "full"
+    shutil.copytree(full_run[0], run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    cache = str(tmp_path / "cache")
+    before = datasets.load_dataset(str(run), "curriculum", split="train", cache_dir=cache)
+    first = manifest["curriculum"][0]
+    kept = pq.read_table(run / first["file"]).to_pylist()[1:]  # the re-made run kept one trace fewer
+    pq.write_table(pa.Table.from_pylist(kept, schema=pq.read_schema(run / first["file"])), run / first["file"])
+    first["rows"] = len(kept)
+    card.write_card(run, manifest)
+    after = datasets.load_dataset(str(run), "curriculum", split="train", cache_dir=cache)
+    assert after.num_rows == before.num_rows - 1
+    assert [r["trace_id"] for r in after] == [r["trace_id"] for r in rows(run, [s["file"] for s in manifest["curriculum"]])]
 
 
 def test_card_token_statistics_match_a_recomputation(full_run):

@@ -43,17 +43,32 @@ def token_stats(run_dir: Path, files: list[str]) -> dict:
             "p95": percentile(values, 0.95), "max": values[-1]}
 
 
-def header(manifest: dict) -> dict:
-    """The card's YAML metadata: one config per product that has rows."""
+def split_info(run_dir: Path, name: str, files: list[str]) -> dict:
+    """A config's `dataset_info` entry: its row count and bytes, read from the Parquet footers.
+
+    This is more than decoration: `datasets` keys its local cache on the card's header, not on
+    the files, so without it a run re-made in the same directory would load the previous run's
+    rows from ~/.cache/huggingface. The sizes change whenever the products do."""
+    metas = [pq.ParquetFile(run_dir / f).metadata for f in files]
+    num_bytes = sum(m.row_group(i).total_byte_size for m in metas for i in range(m.num_row_groups))
+    return {"config_name": name, "splits": [{"name": "train", "num_bytes": num_bytes,
+                                             "num_examples": sum(m.num_rows for m in metas)}],
+            "download_size": sum((run_dir / f).stat().st_size for f in files), "dataset_size": num_bytes}
+
+
+def header(run_dir: Path, manifest: dict) -> dict:
+    """The card's YAML metadata: one config per product that has rows, with its sizes."""
     rows = sum(s["rows"] for s in manifest["curriculum"])
-    configs = [{"config_name": "curriculum", "default": True,
-                "data_files": [{"split": "train", "path": "curriculum/*.parquet"}]}]
+    products = {"curriculum": ("curriculum/*.parquet", [s["file"] for s in manifest["curriculum"]])}
     if manifest["pairs"]:
-        configs.append({"config_name": "pairs", "data_files": [{"split": "train", "path": "pairs/*.parquet"}]})
-    configs.append({"config_name": "difficulty", "data_files": [{"split": "train", "path": "difficulty.parquet"}]})
+        products["pairs"] = ("pairs/*.parquet", manifest["pairs"])
+    products["difficulty"] = ("difficulty.parquet", ["difficulty.parquet"])
+    configs = [{"config_name": name, **({"default": True} if name == "curriculum" else {}),
+                "data_files": [{"split": "train", "path": pattern}]} for name, (pattern, _) in products.items()]
+    infos = [split_info(run_dir, name, files) for name, (_, files) in products.items()]
     size = next(name for limit, name in [(1e3, "n<1K"), (1e4, "1K<n<10K"), (1e5, "10K<n<100K"), (1e6, "100K<n<1M"),
                                          (float("inf"), "n>1M")] if rows < limit)
-    return {"configs": configs, "task_categories": ["text-generation"], "language": ["en"],
+    return {"configs": configs, "dataset_info": infos, "task_categories": ["text-generation"], "language": ["en"],
             "tags": ["reasoning", "distillation", "synthetic", "curriculum", "dpo"], "size_categories": [size]}
 
 
@@ -66,7 +81,7 @@ def card(run_dir: Path, manifest: dict) -> str:
     pair_rows = sum(pq.ParquetFile(run_dir / f).metadata.num_rows for f in manifest["pairs"])
     ro = stages.get("rollout", {})
     lines = [
-        "---", yaml.safe_dump(header(manifest), sort_keys=False).rstrip(), "---", "",
+        "---", yaml.safe_dump(header(run_dir, manifest), sort_keys=False).rstrip(), "---", "",
         f"# {run_dir.resolve().name}", "",
         "Reasoning traces sampled from a teacher model, graded against reference answers, ordered easy to hard "
         "by the teacher's pass rate, with correct/incorrect pairs of the same problem for DPO.", "",
