@@ -4,6 +4,14 @@ Pure string functions shared by rollout (which records reasoning / answer_text) 
 (which extracts the final answer). Extraction order: the last `\\boxed{...}` of the answer
 part, then an `<answer>` tag or an "answer is" / "Final answer:" line, then the recipe's
 own regex patterns (first group), each tried on the answer part before the whole text.
+With `fallback` (grade does it for the math and numeric domains), an answer part that has
+none of these gives its last LaTeX expression (`fallback_latex`) or its last number
+(`fallback_number`), the way math-verify's own extraction reads a bare final line; the
+source is kept so a user can filter on it. A trace whose `<think>` never closed has no
+answer part and no fallback: the last number of unfinished reasoning is not an answer.
+
+References are read here too (`reference_answer`): a worked solution's last `\\boxed{}`, or
+what follows GSM8K's `####`.
 """
 
 from __future__ import annotations
@@ -57,12 +65,28 @@ _ANSWER_LINE = re.compile(
 )
 
 
-def extract_answer(text: str, patterns: list[str] = ()) -> tuple[str | None, str]:
+_LATEX = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\[(.+?)\\\]|\\\((.+?)\\\)", re.S)
+_NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?")
+
+
+def fallback_answer(part: str) -> tuple[str | None, str]:
+    """The last LaTeX expression of an answer part, else its last number."""
+    latex = [next(g for g in m.groups() if g is not None).strip() for m in _LATEX.finditer(part)]
+    latex = [x for x in latex if x]
+    if latex:
+        return latex[-1], "fallback_latex"
+    numbers = _NUMBER.findall(part)
+    if numbers:
+        return numbers[-1].rstrip(","), "fallback_number"
+    return None, "none"
+
+
+def extract_answer(text: str, patterns: list[str] = (), fallback: bool = False) -> tuple[str | None, str]:
     """The final answer of a completion and where it came from.
 
     Returns:
         (answer or None, source) with source one of boxed | answer_tag | answer_line |
-        pattern | none.
+        pattern | fallback_latex | fallback_number | none.
     """
     part = split_think(text).answer_text
     scopes = [part] if part is not None else [text]
@@ -82,7 +106,32 @@ def extract_answer(text: str, patterns: list[str] = ()) -> tuple[str | None, str
         if found:
             last = found[-1]
             return (last[0] if isinstance(last, tuple) else last).strip(), "pattern"
+    if fallback and part is not None and part.strip():
+        return fallback_answer(part)
     return None, "none"
+
+
+GSM8K_MARK = "####"
+
+
+def reference_answer(text: str, how: str = "auto") -> str | None:
+    """The final answer inside a reference column.
+
+    how: boxed (the last \\boxed{}), gsm8k (after the last ####, thousands separators
+    removed), auto (boxed if there is one, else after ####, else the text itself).
+    None when `how` names a form the text does not have."""
+    if how in ("boxed", "auto"):
+        boxed = last_boxed(text)
+        if boxed or how == "boxed":
+            return boxed or None
+    if how in ("gsm8k", "auto"):
+        if GSM8K_MARK in text:
+            tail = text.rsplit(GSM8K_MARK, 1)[1].strip()
+            tail = re.sub(r"(?<=\d),(?=\d{3}\b)", "", tail)
+            return tail.rstrip(".") or None
+        if how == "gsm8k":
+            return None
+    return text
 
 
 def format_ok(text: str) -> bool:

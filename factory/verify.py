@@ -1,6 +1,8 @@
 """Comparing an extracted answer with the reference, per domain.
 
-    math     math-verify, gold parsed first; an unparsable gold is `unverifiable`
+    math     math-verify, gold parsed first; an unparsable gold is `unverifiable`. Both sides
+             are normalized first the way MATH-style data needs (`normalize_math`), and a
+             solution-style reference is reduced to its boxed (or GSM8K `####`) answer
     numeric  numbers with thousands separators, units, %, fractions; relative/absolute tolerance
     choice   a letter ((B), B., "option B") or the option's text, against a letter or text
     exact    normalized strings (case, spaces, trailing punctuation, \\text{})
@@ -15,6 +17,8 @@ from __future__ import annotations
 import math
 import re
 from fractions import Fraction
+
+from factory.answers import reference_answer
 
 CORRECT, WRONG, NO_ANSWER, UNVERIFIABLE, TIMEOUT = "correct", "wrong", "no_answer", "unverifiable", "timeout"
 
@@ -98,6 +102,34 @@ def compare_choice(pred: str, gold: str, choices: list[str] | None) -> str:
 # ---- math --------------------------------------------------------------------------------
 
 
+# a trailing unit in \\text{}: "100\\text{ square units}", "5 \\, \\mbox{cm}^2"
+_TEXT_UNIT = re.compile(r"(?:\s|\\[,;:! ])*\\(?:text|mbox|mathrm|textrm)\s*\{\s*[A-Za-z][A-Za-z .]*\}"
+                        r"(?:\s*\^\s*\{?[23]\}?)?\s*$")
+# a number followed by unit words: "18 dollars", "6 cm", "2.5 square feet"
+_PLAIN_UNIT = re.compile(r"^(?P<num>[-+]?\\?\$?\d[\d,]*(?:\.\d+)?)\s*(?:[A-Za-z]+\.?\s*){1,3}$")
+_SCIENTIFIC = re.compile(r"^([-+]?\d+(?:\.\d+)?)[eE]([-+]?\d+)$")
+
+
+def normalize_math(s: str) -> str:
+    """What MATH-style answers write that math-verify does not read as meant: trailing units
+    (`\\text{ cm}`, `^2` after one, plain words after a number), `\\varnothing`, thin-space
+    thousands (`6\\,000`, `1{,}000`), scientific `1e3`. `\\dfrac`, `^\\circ`, `\\%` and
+    `10,\\!000` math-verify handles itself (tests/test_verify.py holds the pairs)."""
+    s = s.strip()
+    for _ in range(3):  # "5 \\text{ m} \\text{ long}"
+        stripped = _TEXT_UNIT.sub("", s).strip()
+        if not stripped or stripped == s:
+            break
+        s = stripped
+    m = _PLAIN_UNIT.match(s)
+    if m:
+        s = m.group("num")
+    s = s.replace("\\varnothing", "\\emptyset").replace("{,}", ",")
+    s = re.sub(r"(?<=\d)\\,(?=\d{3}\b)", "", s)
+    s = _SCIENTIFIC.sub(r"\1\\times 10^{\2}", s)
+    return s
+
+
 def _as_latex(s: str) -> str:
     s = s.strip()
     return s if s.startswith("$") or "\\boxed" in s else f"${s}$"
@@ -112,6 +144,8 @@ def is_prose(s: str) -> bool:
 def compare_math(pred: str, gold: str, float_rounding: int = 6) -> str:
     from math_verify import parse, verify  # imported in the worker, not by every importer
 
+    gold = normalize_math(reference_answer(gold) or gold)
+    pred = normalize_math(pred)
     if is_prose(gold):
         return UNVERIFIABLE
     gold_parsed = parse(_as_latex(gold), parsing_timeout=None)
@@ -127,7 +161,7 @@ def compare_math(pred: str, gold: str, float_rounding: int = 6) -> str:
 def compare(pred: str, gold: str, domain: str, choices: list[str] | None = None, rel_tol: float = 1e-6,
             abs_tol: float = 1e-9, float_rounding: int = 6) -> str:
     if domain == "numeric":
-        return compare_numeric(pred, gold, rel_tol, abs_tol)
+        return compare_numeric(pred, reference_answer(gold) or gold, rel_tol, abs_tol)
     if domain == "choice":
         return compare_choice(pred, gold, choices)
     if domain == "exact":

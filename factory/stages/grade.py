@@ -32,6 +32,10 @@ class GradeConfig:
     """Absolute tolerance of the numeric domain."""
     math_float_rounding: int = 6
     """Decimal places math-verify rounds floats to before comparing."""
+    fallback_extraction: bool = True
+    """Math and numeric domains: an answer part with no \\boxed{}, <answer> or "answer is" gives
+    its last LaTeX expression or number (grade_detail "answer from fallback_latex" /
+    "fallback_number", so it can be filtered on). Never from inside an unclosed <think>."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,8 @@ class GradeJob:
 
 def grade_one(job: GradeJob) -> tuple[str, str | None, str]:
     """Verdict, extracted answer and how it was found, for one trace (runs in a worker)."""
-    extracted, source = answers.extract_answer(job.text, job.config.answer_patterns)
+    fallback = job.config.fallback_extraction and job.domain in ("math", "numeric")
+    extracted, source = answers.extract_answer(job.text, job.config.answer_patterns, fallback)
     if extracted is None:
         return verify.NO_ANSWER, None, "no final answer found"
     verdict = verify.compare(
