@@ -3,7 +3,7 @@
 Tables grow stage by stage; a stage adds columns and never rewrites or drops upstream ones:
 
     problems   (ingest)   problem_id, question, answer, domain, choices, source, split, level,
-                          origin, parent_problem_id
+                          origin, parent_problem_id, answer_raw, reference_source, reference_agreement
     rewritten  (rewrite)  problems (+ rewrites) + rewrite_model, check_* (the teacher's vote)
     traces     (rollout)  problems + trace_id, sample_index, text, reasoning, answer_text, ...
     graded     (grade)    traces + extracted_answer, verdict, format_ok, grade_detail
@@ -41,6 +41,11 @@ PROBLEMS = pa.schema(
         ("level", pa.int32()),  # difficulty level given by the source (e.g. MATH's 1-5); null if none
         ("origin", pa.string()),  # original (ingested) | paraphrase | variant (made by rewrite)
         ("parent_problem_id", pa.string()),  # the problem a rewrite was made from; null for originals
+        ("answer_raw", pa.string()),  # the answer column as given, when ingest read `answer` out of it
+        # how `answer` was read: given | boxed | gsm8k | regex | index | choice_text (ingest),
+        # unlabeled (no reference yet) | majority (grade's vote over the traces)
+        ("reference_source", pa.string()),
+        ("reference_agreement", pa.float64()),  # majority: the share of traces that gave it
     ]
 )
 

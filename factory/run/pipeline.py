@@ -229,9 +229,11 @@ class Runner:
                                            self.grade_pool)
         if name == "grade":
             def fn(t: pa.Table):
+                t, dropped, labels = grade.label_unlabeled(t, r.grade, self.grade_pool)
                 graded = grade.grade_table(t, r.grade, self.grade_pool)
                 verdicts = graded.column("verdict").to_pylist()
-                return graded, empty, {"verdicts": {v: verdicts.count(v) for v in set(verdicts)}}
+                return graded, schema.table(dropped, schema.REJECTED), \
+                    {"verdicts": {v: verdicts.count(v) for v in set(verdicts)}, **labels}
             return fn
         if name == "score":
             from prm.score import score_table
@@ -467,7 +469,7 @@ def build_manifest(recipe: Recipe, stages: dict[str, store.StageDir], seconds: f
             gen = sum(s.get("generate_seconds", 0.0) for s in shards)
             if gen > 0:
                 entry["tokens_per_s"] = round(tokens / gen, 1)
-        for key in ("verdicts", "prm_status", "rewrites", "duplicates", "contaminated_by"):  # stages' own counts
+        for key in ("verdicts", "prm_status", "rewrites", "duplicates", "contaminated_by", "unlabeled"):  # stages' own counts
             if any(key in s for s in shards):
                 total: dict[str, int] = {}
                 for s in shards:

@@ -14,7 +14,9 @@ def summary(manifest: dict) -> str:
         if "tokens_per_s" in s:
             notes = f"{s['generated_tokens']} tokens at {s['tokens_per_s']:.0f} tok/s" + (f"; {notes}" if notes else "")
         if "verdicts" in s:
-            notes = ", ".join(f"{k}={v}" for k, v in sorted(s["verdicts"].items()))
+            notes = ", ".join(f"{k}={v}" for k, v in sorted(s["verdicts"].items())) + (f"; dropped {notes}" if notes else "")
+        if s.get("unlabeled"):
+            notes += f"; majority-labelled problems={s['unlabeled']['labelled']}"
         if "prm_status" in s:
             notes = "prm_status: " + ", ".join(f"{k}={v}" for k, v in sorted(s["prm_status"].items()))
         if "pairs" in s:

@@ -4,6 +4,14 @@ In:  traces (rollout's table).   Out: graded = traces + extracted_answer, verdic
 format_ok, grade_detail. Grading drops nothing: every trace gets a verdict, one of
 correct | wrong | no_answer | unverifiable (the reference can't be read) | timeout.
 
+Problems ingested without a reference (`ingest.allow_unlabeled`) are labelled first
+(`label_unlabeled`): the majority answer of their traces, equivalent answers counted together
+by the grader, becomes the reference (`reference_source` majority, `reference_agreement` its
+share of the traces) when it has at least `unlabeled_min_agreement`; otherwise the problem's
+traces are rejected (`low_agreement` / `no_majority`, with the votes). A majority-labelled
+problem's pass rate is at least its agreement by construction: it measures consistency, not
+accuracy. A problem's traces share a rollout shard, so the vote sees all of them.
+
 Each trace is graded in a worker process with a hard timeout (factory.workers), so a
 pathological expression ends as `timeout` instead of hanging the run.
 """
@@ -32,6 +40,9 @@ class GradeConfig:
     """Absolute tolerance of the numeric domain."""
     math_float_rounding: int = 6
     """Decimal places math-verify rounds floats to before comparing."""
+    unlabeled_min_agreement: float = 0.6
+    """Unlabeled problems: the share of a problem's traces that must give the majority answer
+    for it to become the reference (else the problem is dropped as low_agreement)."""
     fallback_extraction: bool = True
     """Math and numeric domains: an answer part with no \\boxed{}, <answer> or "answer is" gives
     its last LaTeX expression or number (grade_detail "answer from fallback_latex" /
@@ -58,6 +69,85 @@ def grade_one(job: GradeJob) -> tuple[str, str | None, str]:
         job.config.numeric_abs_tol, job.config.math_float_rounding,
     )
     return verdict, extracted, f"answer from {source}"
+
+
+def vote(extracted: list[str | None], same: dict[tuple[str, str], bool]) -> list[tuple[str, int]]:
+    """Cluster equivalent answers; returns (representative, votes) sorted by votes, first-seen
+    first on ties. `same[(a, b)]` says whether normalized answers a and b are equivalent
+    (pairs not in it are different); None answers do not vote."""
+    clusters: list[list] = []  # [representative, normalized rep, votes]
+    for a in extracted:
+        if a is None:
+            continue
+        n = answers.vote_key(a)
+        for c in clusters:
+            if n == c[1] or same.get((n, c[1])) or same.get((c[1], n)):
+                c[2] += 1
+                break
+        else:
+            clusters.append([a, n, 1])
+    order = sorted(range(len(clusters)), key=lambda i: (-clusters[i][2], i))
+    return [(clusters[i][0], clusters[i][2]) for i in order]
+
+
+def equivalences(groups: list[tuple[list[str | None], str, list[str] | None]], grade: GradeConfig,
+                 pool: TimeoutPool) -> dict[tuple[str, str], bool]:
+    """Which distinct answers within each group are equivalent, by the grader (math-verify for
+    math) in the worker pool: one job per unordered pair of distinct normalized answers."""
+    jobs, keys = [], []
+    for extracted, domain, choices in groups:
+        distinct = {}
+        for a in extracted:
+            if a is not None:
+                distinct.setdefault(answers.vote_key(a), a)
+        items = list(distinct.items())
+        for i in range(len(items)):
+            for j in range(i + 1, len(items)):
+                keys.append((items[i][0], items[j][0]))
+                jobs.append(GradeJob(f"\\boxed{{{items[i][1]}}}", items[j][1], domain, choices, grade))
+    out = {}
+    for key, result in zip(keys, pool.map(jobs)):
+        out[key] = isinstance(result, tuple) and result[0] == "correct"  # timeouts and errors: different
+    return out
+
+
+def label_unlabeled(traces: pa.Table, config: GradeConfig, pool: TimeoutPool) -> tuple[pa.Table, list[dict], dict]:
+    """Give unlabeled problems their traces' majority answer as reference; returns (traces with
+    labels, rejected rows for the problems that got none, counts)."""
+    if "reference_source" not in traces.column_names or \
+            "unlabeled" not in set(traces.column("reference_source").to_pylist()):
+        return traces, [], {}
+    rows = traces.to_pylist()
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["reference_source"] == "unlabeled":
+            groups.setdefault(r["problem_id"], []).append(r)
+    extracted = {pid: [answers.extract_answer(r["text"], config.answer_patterns,
+                                              config.fallback_extraction and r["domain"] in ("math", "numeric"))[0]
+                       for r in group] for pid, group in groups.items()}
+    same = equivalences([(extracted[pid], g[0]["domain"], g[0]["choices"]) for pid, g in groups.items()], config, pool)
+    rejected, dropped, counts = [], set(), {"labelled": 0, "low_agreement": 0, "no_majority": 0}
+    for pid, group in groups.items():
+        ranked = vote(extracted[pid], same)
+        votes = ", ".join(f"{a!r} x{v}" for a, v in ranked[:3]) or "no answers"
+        if not ranked or (len(ranked) > 1 and ranked[0][1] == ranked[1][1]):
+            reason, detail = "no_majority", f"the {len(group)} traces' answers have no single majority ({votes})"
+        elif ranked[0][1] / len(group) < config.unlabeled_min_agreement:
+            reason, detail = "low_agreement", (f"majority answer {ranked[0][0]!r} has {ranked[0][1]}/{len(group)} votes "
+                                               f"< unlabeled_min_agreement {config.unlabeled_min_agreement} ({votes})")
+        else:
+            reason = None
+            for r in group:
+                r.update(answer=ranked[0][0], reference_source="majority", reference_agreement=ranked[0][1] / len(group))
+            counts["labelled"] += 1
+        if reason:
+            counts[reason] += 1
+            dropped.add(pid)
+            for r in group:
+                r["reference_agreement"] = (ranked[0][1] / len(group)) if ranked else 0.0
+                rejected.append(schema.rejected_row("grade", reason, r, detail, problem_id=pid, trace_id=r["trace_id"]))
+    kept = [r for r in rows if r["problem_id"] not in dropped]
+    return schema.table(kept, traces.schema), rejected, {"unlabeled": counts}
 
 
 def grade_table(traces: pa.Table, config: GradeConfig, pool: TimeoutPool) -> pa.Table:

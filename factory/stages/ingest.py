@@ -1,8 +1,16 @@
 """Stage `ingest`: <question, answer> problems from files on disk.
 
-In:  JSONL, JSON (a list, or {"data": [...]}), CSV, Parquet files, or a directory saved
-     with `datasets.Dataset.save_to_disk`; `columns` maps their column names onto ours.
+In:  JSONL, JSON (a list, or {"data": [...]}), CSV, Parquet files, a directory saved
+     with `datasets.Dataset.save_to_disk`, or a hub dataset `hf://owner/name[:config][/split]`
+     (through `datasets.load_dataset`, so its cache works offline); `columns` maps their
+     column names onto ours, and `preset` does it for the common public sources (presets.py).
 Out: problems (schema.PROBLEMS), plus rejected rows with the file, row and field at fault.
+
+The reference is read from the answer column by `answer_from` (as it is, its last \\boxed{},
+GSM8K's "####" line, a regex, an option index or an option's text); the raw value is kept in
+`answer_raw` and how it was read in `reference_source`. A reference the grader could never
+read (no boxed answer in the solution, prose, "proof", a number that is not one) is rejected
+here as `unreadable_reference` with its value, not found later as K unverifiable traces.
 
 A row with a missing, empty, mistyped or over-long question or answer, an unknown domain,
 or undecodable bytes is rejected with its reason; its neighbours go on. A file that can't be
@@ -25,7 +33,8 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from factory import schema
+from factory import answers, schema, verify
+from factory.stages.presets import preset as preset_settings
 
 
 class IngestError(ValueError):
@@ -56,6 +65,58 @@ class IngestConfig:
     not_sampled. Unset: all."""
     sample_seed: int = 0
     """Seed of the draw."""
+    preset: str | None = None
+    """A public source's published layout (gsm8k, math, math500, numina_cot, numina_1.5,
+    openr1_math, aime, olympiadbench, gpqa, mmlu; factory/stages/presets.py): sets columns,
+    answer_from, choice columns and default_domain. Settings the recipe gives itself win."""
+    answer_from: str = "column"
+    """How the reference is read from the answer column: column (as it is) | boxed (its last
+    \\boxed{}) | gsm8k (after "####", thousands separators removed) | regex (answer_pattern's
+    first group) | index (a 0-based option number -> its letter) | choice_text (an option's
+    text -> its letter). A list (OlympiadBench's final_answer) is joined with ", "."""
+    answer_pattern: str | None = None
+    """The regex of answer_from: regex (its first group is the reference)."""
+    choice_columns: list[str] = field(default_factory=list)
+    """Options in separate columns, in order (GPQA): they become `choices`."""
+    shuffle_choices: bool = False
+    """Shuffle the options by a seeded hash of the question (for sources that list the right one first)."""
+    choices_in_question: bool = False
+    """Append the options to the question as "(A) ..." lines, so the model sees them."""
+    allow_unlabeled: bool = False
+    """Keep problems without a reference (reference_source "unlabeled"): grade labels each by
+    the majority answer of its traces (grade.unlabeled_min_agreement), or drops it."""
+
+
+ANSWER_FROM = ("column", "boxed", "gsm8k", "regex", "index", "choice_text")
+PLACEHOLDER_ANSWERS = {"proof", "notfound", "not found", "none", "n/a", "na", "null", "-", "?"}
+HUB_PREFIX = "hf://"
+
+
+def resolve(cfg: IngestConfig) -> IngestConfig:
+    """`cfg` with its preset's settings filled in where the recipe left a default; checked."""
+    import dataclasses
+
+    if cfg.preset is not None:
+        defaults = IngestConfig()
+        changes = {}
+        for key, value in preset_settings(cfg.preset).items():
+            mine = getattr(cfg, key)
+            if key == "columns":
+                changes[key] = {**value, **mine}  # the recipe's own mappings win
+            elif mine == getattr(defaults, key):
+                changes[key] = value
+        cfg = dataclasses.replace(cfg, **changes)
+    if cfg.answer_from not in ANSWER_FROM:
+        raise ValueError(f"ingest.answer_from={cfg.answer_from!r}; use one of {', '.join(ANSWER_FROM)}")
+    if cfg.answer_from == "regex":
+        if not cfg.answer_pattern:
+            raise ValueError("ingest.answer_from=regex needs ingest.answer_pattern (its first group is the answer)")
+        try:
+            if re.compile(cfg.answer_pattern).groups < 1:
+                raise ValueError(f"ingest.answer_pattern={cfg.answer_pattern!r} has no group: put the answer in ( )")
+        except re.error as e:
+            raise ValueError(f"ingest.answer_pattern={cfg.answer_pattern!r} is not a regex ({e})") from None
+    return cfg
 
 
 FIELDS = ("problem_id", "question", "answer", "domain", "choices", "source", "split", "level")
@@ -121,6 +182,33 @@ def read_table(path: Path, table: pa.Table) -> Iterator[Raw]:
         yield Raw(str(path), i, rec)
 
 
+def parse_hub(spec: str) -> tuple[str, str | None, str]:
+    """hf://owner/name[:config][/split] -> (repo, config, split); split defaults to train."""
+    rest = spec[len(HUB_PREFIX):]
+    parts = rest.split("/")
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise IngestError(f"{spec}: name a hub dataset as hf://owner/name[:config][/split]")
+    owner, name = parts[0], parts[1]
+    split = "/".join(parts[2:]) or "train"
+    name, _, config = name.partition(":")
+    return f"{owner}/{name}", config or None, split
+
+
+def read_hub(spec: str) -> Iterator[Raw]:
+    import datasets
+
+    repo, config, split = parse_hub(spec)
+    try:
+        ds = datasets.load_dataset(repo, config, split=split)
+    except Exception as e:  # noqa: BLE001 - the hub client's errors vary by cause; all end here
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise IngestError(f"{spec}: could not load {repo} (config {config}, split {split}) from the hub or the "
+                          f"local cache: {first}. Without a network, download it where there is one, or save it "
+                          "with Dataset.save_to_disk and give that directory.") from None
+    for i, rec in enumerate(ds):
+        yield Raw(spec, i, rec)
+
+
 def read_any(path: Path) -> Iterator[Raw]:
     if path.is_dir():
         import datasets
@@ -155,8 +243,66 @@ def content_id(question: str, answer: str) -> str:
     return hashlib.sha256(f"{normalize_question(question)}\x00{answer.strip()}".encode()).hexdigest()[:16]
 
 
+def _text(v) -> str | None:
+    """A cell as text: strings, numbers, and lists of strings (joined by ", ")."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list) and v and all(isinstance(x, str) for x in v):
+        return ", ".join(x.strip().strip("$").strip() for x in v)
+    return None
+
+
+def read_reference(raw_value: str, cfg: IngestConfig, choices: list[str] | None) -> tuple[str | None, str]:
+    """(reference or None, how it was read) from the answer column's text."""
+    how = cfg.answer_from
+    if how == "column":
+        return raw_value, "given"
+    if how in ("boxed", "gsm8k"):
+        return answers.reference_answer(raw_value, how), how
+    if how == "regex":
+        found = re.findall(cfg.answer_pattern, raw_value)
+        last = found[-1] if found else None
+        return ((last[0] if isinstance(last, tuple) else last) or "").strip() or None, "regex"
+    if how == "index":
+        n = raw_value.strip()
+        if n.isdigit() and choices and int(n) < len(choices):
+            return chr(ord("A") + int(n)), "index"
+        return None, "index"
+    if how == "choice_text":
+        for i, c in enumerate(choices or []):
+            if verify.normalize_text(c) == verify.normalize_text(raw_value):
+                return chr(ord("A") + i), "choice_text"
+        return None, "choice_text"
+    raise ValueError(f"ingest.answer_from={how!r}")
+
+
+def unreadable(reference: str, domain: str, choices: list[str] | None) -> str | None:
+    """Why the grader could never read `reference` in `domain`; None when it can."""
+    if verify.normalize_text(reference) in PLACEHOLDER_ANSWERS:
+        return "a placeholder, not an answer"
+    if domain == "math" and verify.is_prose(verify.normalize_math(reference)):
+        return "running text, not a final answer"
+    if domain == "numeric" and verify.parse_number(reference) is None:
+        return "not a number"
+    if domain == "choice" and verify.choice_letter(reference, choices) is None:
+        return "names none of the options"
+    return None
+
+
+def _shuffled(question: str, options: list[str]) -> list[str]:
+    import random
+
+    order = list(options)
+    random.Random(hashlib.sha256(normalize_question(question).encode()).digest()).shuffle(order)
+    return order
+
+
 def validate(raw: Raw, cfg: IngestConfig) -> tuple[dict | None, str, str]:
-    """One raw record to a problem row, or (None, reason, detail)."""
+    """One raw record to a problem row, or (None, reason, detail). `cfg` is resolve()d."""
     where = f"{raw.file} row {raw.row}"
     if raw.error:
         reason = raw.error.split(":")[0]
@@ -166,42 +312,83 @@ def validate(raw: Raw, cfg: IngestConfig) -> tuple[dict | None, str, str]:
     rec = raw.record
     col = {f: cfg.columns.get(f, f) for f in FIELDS}
     out: dict = {}
-    for f, limit in (("question", cfg.max_question_chars), ("answer", cfg.max_answer_chars)):
-        v = rec.get(col[f])
-        if v is None:
-            return None, f"missing_{f}", f"{where}: field {col[f]!r} is missing or null"
-        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
-            return None, f"bad_type_{f}", f"{where}: field {col[f]!r} must be text, got {type(v).__name__}"
-        v = str(v).strip()
-        if not v:
-            return None, f"empty_{f}", f"{where}: field {col[f]!r} is empty"
-        if len(v) > limit:
-            return None, f"{f}_too_long", f"{where}: field {col[f]!r} has {len(v)} chars (max_{f}_chars={limit})"
-        out[f] = v
+    # the question
+    v = rec.get(col["question"])
+    if v is None:
+        return None, "missing_question", f"{where}: field {col['question']!r} is missing or null"
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        return None, "bad_type_question", f"{where}: field {col['question']!r} must be text, got {type(v).__name__}"
+    question = str(v).strip()
+    if not question:
+        return None, "empty_question", f"{where}: field {col['question']!r} is empty"
+    # the options: a list column, a JSON list in a CSV cell, or separate columns
+    if cfg.choice_columns:
+        missing = [c for c in cfg.choice_columns if _text(rec.get(c)) in (None, "")]
+        if missing:
+            return None, "missing_choices", f"{where}: option column(s) {missing} missing or empty"
+        choices = [_text(rec.get(c)).strip() for c in cfg.choice_columns]
+    else:
+        choices = rec.get(col["choices"])
+        if isinstance(choices, str):  # CSV cells: a JSON list
+            try:
+                choices = json.loads(choices) if choices.strip() else None
+            except json.JSONDecodeError:
+                return None, "bad_type_choices", f"{where}: field {col['choices']!r} is not a JSON list"
+        if choices is not None and (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)):
+            return None, "bad_type_choices", f"{where}: field {col['choices']!r} must be a list of strings"
+    if choices and cfg.shuffle_choices:
+        choices = _shuffled(question, choices)
+    # the reference
+    v = rec.get(col["answer"])
     domain = rec.get(col["domain"]) or cfg.default_domain
     if domain not in schema.DOMAINS:
         return None, "bad_domain", f"{where}: field {col['domain']!r} is {domain!r}; use one of {', '.join(schema.DOMAINS)}"
-    choices = rec.get(col["choices"])
-    if isinstance(choices, str):  # CSV cells: a JSON list
-        try:
-            choices = json.loads(choices) if choices.strip() else None
-        except json.JSONDecodeError:
-            return None, "bad_type_choices", f"{where}: field {col['choices']!r} is not a JSON list"
-    if choices is not None and (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)):
-        return None, "bad_type_choices", f"{where}: field {col['choices']!r} must be a list of strings"
+    if v is None or (isinstance(v, str) and not v.strip()):
+        if not cfg.allow_unlabeled:
+            reason = "missing_answer" if v is None else "empty_answer"
+            return None, reason, f"{where}: field {col['answer']!r} is {'missing or null' if v is None else 'empty'}"
+        answer, source, answer_raw = None, "unlabeled", None
+    elif _text(v) is None:
+        return None, "bad_type_answer", f"{where}: field {col['answer']!r} must be text, got {type(v).__name__}"
+    else:
+        raw_text = _text(v)
+        raw_text = raw_text.strip()
+        if not raw_text:
+            return None, "empty_answer", f"{where}: field {col['answer']!r} is empty"
+        answer, source = read_reference(raw_text, cfg, choices)
+        answer_raw = raw_text if answer != raw_text or source != "given" else None
+        shown = raw_text if len(raw_text) <= 120 else "..." + raw_text[-117:]
+        if answer is None:
+            return None, "unreadable_reference", (f"{where}: field {col['answer']!r} has no reference to read "
+                                                  f"by answer_from={cfg.answer_from}: {shown!r}")
+        answer = answer.strip()
+        if len(answer) > cfg.max_answer_chars:
+            return None, "answer_too_long", (f"{where}: field {col['answer']!r} gives a {len(answer)}-char reference "
+                                             f"(max_answer_chars={cfg.max_answer_chars}); a solution? set "
+                                             "ingest.answer_from to boxed, gsm8k or regex")
+        why = unreadable(answer, domain, choices)
+        if why:
+            return None, "unreadable_reference", f"{where}: field {col['answer']!r} reference {answer!r} is {why}: {shown!r}"
+    if len(question) > cfg.max_question_chars:
+        return None, "question_too_long", (f"{where}: field {col['question']!r} has {len(question)} chars "
+                                           f"(max_question_chars={cfg.max_question_chars})")
+    if choices and cfg.choices_in_question:
+        question += "\n\n" + "\n".join(f"({chr(ord('A') + i)}) {c}" for i, c in enumerate(choices))
     level = rec.get(col["level"])
-    if isinstance(level, str) and level.strip().lstrip("-").isdigit():  # CSV cells, "3"
-        level = int(level)
-    if level == "":
-        level = None
+    if isinstance(level, str):  # CSV cells "3"; MATH's "Level 3"
+        m = re.fullmatch(r"\s*(?:level\s*)?(-?\d+)\s*", level, re.I)
+        level = int(m.group(1)) if m else (None if not level.strip() or level.strip() == "?" else level)
     if level is not None and (isinstance(level, bool) or not isinstance(level, int)):
         return None, "bad_type_level", f"{where}: field {col['level']!r} must be a whole number, got {level!r}"
     given_id = rec.get(col["problem_id"])
     out.update(
-        problem_id=str(given_id) if given_id not in (None, "") else content_id(out["question"], out["answer"]),
+        question=question, answer=answer,
+        problem_id=str(given_id) if given_id not in (None, "") else content_id(question, answer or ""),
         domain=domain, choices=choices or None,
-        source=str(rec.get(col["source"]) or cfg.default_source or Path(raw.file).name),
+        source=str(rec.get(col["source"]) or cfg.default_source
+                   or (raw.file if raw.file.startswith(HUB_PREFIX) else Path(raw.file).name)),
         split=str(rec.get(col["split"]) or cfg.default_split), level=level, origin="original",
+        answer_raw=answer_raw, reference_source=source,
     )
     return out, "", ""
 
@@ -210,13 +397,18 @@ def ingest(cfg: IngestConfig) -> tuple[pa.Table, pa.Table, list[str]]:
     """Read every path; return (problems, rejected, messages for the user)."""
     if not cfg.paths:
         raise IngestError("ingest.paths is empty: name at least one input file")
+    cfg = resolve(cfg)
     rows, rejected, messages = [], [], []
     seen: dict[str, str] = {}
     for p in cfg.paths:
-        path = Path(p)
-        if not path.exists():
-            raise IngestError(f"{path}: no such file or directory (ingest.paths)")
-        for raw in read_any(path):
+        if str(p).startswith(HUB_PREFIX):
+            raws = read_hub(str(p))
+        else:
+            path = Path(p)
+            if not path.exists():
+                raise IngestError(f"{path}: no such file or directory (ingest.paths)")
+            raws = read_any(path)
+        for raw in raws:
             row, reason, detail = validate(raw, cfg)
             if row is None:
                 rejected.append(schema.rejected_row("ingest", reason, raw.record, detail))

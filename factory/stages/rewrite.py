@@ -37,7 +37,7 @@ import pyarrow as pa
 from factory import answers, schema
 from factory.stages.dedup import exact_key
 from factory.engines import Engine, Sampling
-from factory.stages.grade import GradeConfig, GradeJob
+from factory.stages.grade import GradeConfig, GradeJob, equivalences, vote
 from factory.stages.ingest import IngestConfig, Raw, validate
 from factory.stages.rollout import RolloutConfig, request_seed, rollout_table
 from factory.workers import TimeoutPool
@@ -101,46 +101,6 @@ def parse_rewrite(text: str) -> str:
     return body
 
 
-def vote(extracted: list[str | None], same: dict[tuple[str, str], bool]) -> list[tuple[str, int]]:
-    """Cluster equivalent answers; returns (representative, votes) sorted by votes, first-seen
-    first on ties. `same[(a, b)]` says whether normalized answers a and b are equivalent
-    (pairs not in it are different); None answers do not vote."""
-    clusters: list[list] = []  # [representative, normalized rep, votes]
-    for a in extracted:
-        if a is None:
-            continue
-        n = answers.vote_key(a)
-        for c in clusters:
-            if n == c[1] or same.get((n, c[1])) or same.get((c[1], n)):
-                c[2] += 1
-                break
-        else:
-            clusters.append([a, n, 1])
-    order = sorted(range(len(clusters)), key=lambda i: (-clusters[i][2], i))
-    return [(clusters[i][0], clusters[i][2]) for i in order]
-
-
-def equivalences(groups: list[tuple[list[str | None], str, list[str] | None]], grade: GradeConfig,
-                 pool: TimeoutPool) -> dict[tuple[str, str], bool]:
-    """Which distinct answers within each group are equivalent, by the grader (math-verify for
-    math) in the worker pool: one job per unordered pair of distinct normalized answers."""
-    jobs, keys = [], []
-    for extracted, domain, choices in groups:
-        distinct = {}
-        for a in extracted:
-            if a is not None:
-                distinct.setdefault(answers.vote_key(a), a)
-        items = list(distinct.items())
-        for i in range(len(items)):
-            for j in range(i + 1, len(items)):
-                keys.append((items[i][0], items[j][0]))
-                jobs.append(GradeJob(f"\\boxed{{{items[i][1]}}}", items[j][1], domain, choices, grade))
-    out = {}
-    for key, result in zip(keys, pool.map(jobs)):
-        out[key] = isinstance(result, tuple) and result[0] == "correct"  # timeouts and errors: different
-    return out
-
-
 def decide(mode: str, ranked: list[tuple[str, int]], samples: int, reference_matches: bool | None,
            min_agreement: float) -> tuple[str | None, str]:
     """Accept or reject one rewrite from its check votes.
@@ -175,6 +135,10 @@ def rewrite_table(problems: pa.Table, cfg: RewriteConfig, rewriter: Engine, teac
         (originals + accepted rewrites, rejected rewrites, stats counting both per mode).
     """
     check_config(cfg)
+    # a rewrite is a row in our own fields: checked like an ingested one, without the
+    # input-side settings (column names, answer_from, options) that read the source files
+    checks = replace(ingest, preset=None, columns={}, answer_from="column", choice_columns=[], shuffle_choices=False,
+                     choices_in_question=False, allow_unlabeled=False)
     rows = problems.to_pylist()
     out_schema = schema.extend(problems.schema, schema.REWRITE_COLUMNS)
     parents = [r for r in rows if cfg.splits is None or r["split"] in cfg.splits]
@@ -208,7 +172,7 @@ def rewrite_table(problems: pa.Table, cfg: RewriteConfig, rewriter: Engine, teac
                     "answer": parent["answer"] if mode == "paraphrase" else None, "origin": mode,
                     "parent_problem_id": parent["problem_id"], "rewrite_model": rewriter.model_name}
             row, reason, detail = validate(Raw(f"rewrite of {parent['problem_id']}", k,
-                                               {**cand, "answer": parent["answer"]}), ingest)
+                                               {**cand, "answer": parent["answer"]}), checks)
             if row is None:
                 reject(cand, f"rewrite_{reason}", detail)
             elif exact_key(question) == exact_key(parent["question"]):
@@ -252,7 +216,7 @@ def rewrite_table(problems: pa.Table, cfg: RewriteConfig, rewriter: Engine, teac
         reason, detail = decide(c["origin"], top, len(votes), ref_ok.get(c["problem_id"]), cfg.min_agreement)
         if reason is None and c["origin"] == "variant":
             c["answer"] = c["check_answer"]  # the pseudo-label must pass the same checks as a reference
-            row, why, msg = validate(Raw(f"rewrite of {c['parent_problem_id']}", 0, c), ingest)
+            row, why, msg = validate(Raw(f"rewrite of {c['parent_problem_id']}", 0, c), checks)
             reason, detail = (None, detail) if row else (f"rewrite_{why}", msg)
         if reason is None:
             accepted.append(c)
