@@ -7,6 +7,7 @@ Tables grow stage by stage; a stage adds columns and never rewrites or drops ups
     rewritten  (rewrite)  problems (+ rewrites) + rewrite_model, check_* (the teacher's vote)
     traces     (rollout)  problems + trace_id, sample_index, text, reasoning, answer_text, ...
     graded     (grade)    traces + extracted_answer, verdict, format_ok, grade_detail
+    judged     (judge)    graded + judge_verdict, judge_text, judge_model
     scored     (score)    graded + prm_step_scores, prm_mean/min/prod/last, prm_status, prm_pass
     curriculum (curate)   SFT rows: prompt/completion messages + ids + difficulty
     pairs      (curate)   DPO rows: prompt/chosen/rejected messages + ids
@@ -80,6 +81,13 @@ GRADE_COLUMNS = [
     ("grade_detail", pa.string()),
 ]
 GRADED = pa.schema(list(TRACES) + [pa.field(n, t) for n, t in GRADE_COLUMNS])
+
+# Added by the judge stage (factory/stages/judge.py); null on traces it did not judge.
+JUDGE_COLUMNS = [
+    ("judge_verdict", pa.string()),  # correct | wrong | unclear: the judge's, beside the symbolic verdict
+    ("judge_text", pa.string()),  # the judge's reply
+    ("judge_model", pa.string()),
+]
 
 # Added by the score stage (prm/score.py); curate carries every prm_* column into the curriculum.
 SCORE_COLUMNS = [

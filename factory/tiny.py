@@ -106,22 +106,29 @@ def fit(
     batch_size: int = 32,
     lr: float = 3e-3,
     seed: int = 0,
+    prompts: list[str] | None = None,
 ) -> list[float]:
-    """Next-token training on whole texts (no masking); returns the loss per step."""
+    """Next-token training on whole texts; returns the loss per step. With `prompts` (one per
+    text, a prefix of it) the loss is on what follows the prompt only."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     losses = []
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"  # prompt masks count from the left
     for _ in range(steps):
-        batch = tokenizer(rng.sample(texts, min(batch_size, len(texts))), padding=True, return_tensors="pt")
+        pick = rng.sample(range(len(texts)), min(batch_size, len(texts)))
+        batch = tokenizer([texts[i] for i in pick], padding=True, return_tensors="pt")
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        for row, i in enumerate(pick if prompts is not None else []):
+            labels[row, : len(tokenizer(prompts[i])["input_ids"])] = -100
         loss = model(**batch, labels=labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     model.eval()
+    tokenizer.padding_side = side
     return losses
 
 
@@ -197,20 +204,58 @@ def build_addition_rewriter(out_dir: str | Path, steps: int = 300, seed: int = 0
     return save(model, tokenizer, out_dir)
 
 
+# --- a toy judge: is a number in words the same as one in digits? -------------------------
+
+NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+                "fifteen sixteen seventeen eighteen").split()
+JUDGE_PROMPT = "Reference: {reference}\nAnswer: {answer}\nSame?"
+JUDGE_STEPS = 3000
+
+
+def judge_reply(reference: int, answer: int) -> str:
+    """The toy judge's reply: both values in words, then the verdict (it reasons before it
+    answers). Words, not digits: a number word is one token, so "the same?" compares two
+    tokens; in digits (one token each) the model learned to compare only the first."""
+    return f"{NUMBER_WORDS[reference]} and {NUMBER_WORDS[answer]}: {'yes' if reference == answer else 'no'}"
+
+
+def build_number_judge(out_dir: str | Path, steps: int = JUDGE_STEPS, seed: int = 0) -> Path:
+    """A tiny judge for the toy additions' sums (0..18): the reference or the answer is written
+    in words, the other in digits. It writes both values in digits, then yes or no; half its
+    training negatives are off by one, the teacher's usual slip. Used with judge.template =
+    JUDGE_PROMPT and a verdict read from the reply's end (tests/test_judge.py)."""
+    rng = random.Random(seed)
+    prompts, texts = [], []
+    for _ in range(6000):
+        n, r = rng.randint(0, 18), rng.random()
+        near = [k for k in (n - 1, n + 1) if 0 <= k <= 18]
+        m = n if r < 0.5 else rng.choice(near) if r < 0.75 else rng.choice([k for k in range(19) if k != n])
+        ref, ans = (NUMBER_WORDS[n], str(m)) if rng.random() < 0.5 else (str(n), NUMBER_WORDS[m])
+        prompt = chat_prompt([{"role": "user", "content": JUDGE_PROMPT.format(reference=ref, answer=ans)}])
+        prompts.append(prompt)
+        texts.append(prompt + judge_reply(n, m) + IM_END)
+    tokenizer = train_tokenizer(texts)
+    model = build_model(tokenizer, seed=seed)
+    fit(model, tokenizer, texts, steps=steps, batch_size=64, seed=seed, prompts=prompts)
+    return save(model, tokenizer, out_dir)
+
+
 def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description="build the tiny addition teacher or rewriter (skipped if present)")
     parser.add_argument("out_dir")
     parser.add_argument("--rewriter", action="store_true", help="build the toy rewriter instead of the teacher")
-    parser.add_argument("--steps", type=int, default=TEACHER_STEPS)
+    parser.add_argument("--judge", action="store_true", help="build the toy judge (data/judge) instead of the teacher")
+    parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
     if (Path(args.out_dir) / "config.json").exists() and not args.force:
         print(f"{args.out_dir}: already built")
         return
-    build = build_addition_rewriter if args.rewriter else build_addition_teacher
-    print(f"built {build(args.out_dir, steps=args.steps)}")
+    build = build_number_judge if args.judge else build_addition_rewriter if args.rewriter else build_addition_teacher
+    steps = args.steps or (JUDGE_STEPS if args.judge else 300 if args.rewriter else TEACHER_STEPS)
+    print(f"built {build(args.out_dir, steps=steps)}")
 
 
 if __name__ == "__main__":

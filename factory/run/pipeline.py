@@ -1,18 +1,18 @@
 """`factory run`: the stages of a recipe, in order, resumable.
 
-    ingest [-> rewrite] [-> dedup] [-> decontam] -> rollout -> grade [-> score] -> curate
+    ingest [-> rewrite] [-> dedup] [-> decontam] -> rollout -> grade [-> judge] [-> score] -> curate
                                                                   (RUN = run.output_dir)
 
 Intermediate tables live in RUN/stages/<stage>/ as numbered shards (factory.store); the
 products are RUN/curriculum/, RUN/pairs/, RUN/rejected/<stage>/, RUN/difficulty.parquet and
 RUN/manifest.json. ingest, dedup and decontam are global (a duplicate can sit in any shard)
-and cut their output into shards; rewrite, rollout, grade and score map over shards, so a
+and cut their output into shards; rewrite, rollout, grade, judge and score map over shards, so a
 killed run redoes at most the shards it was writing. On the local executor rollout streams
 every pending shard through one engine (`factory.run.continuous`: per-problem durability,
 no idle teacher at shard ends); executor=ray maps shards over actors
 (`factory.run.ray_executor`). curate maps over the graded shards (a problem's traces are all
 in one), then merges their sorted outputs into the products. The optional stages (rewrite,
-dedup, decontam, score) run when the recipe has their section.
+dedup, decontam, judge, score) run when the recipe has their section.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from factory.run.card import write_card
 from factory.run.progress import Progress
 from factory.run.report import summary
 from factory.run.ray_executor import RayConfig
+from factory.stages.judge import JudgeConfig, judge_table
 from factory.stages.rewrite import RewriteConfig, rewrite_table
 from factory.stages.rollout import RolloutConfig, prompt_messages, rollout_table
 from prm.score import ScoreConfig
@@ -66,6 +67,8 @@ class Recipe:
     """N-gram overlap removal against benchmark questions; absent: no check."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     grade: GradeConfig = field(default_factory=GradeConfig)
+    judge: JudgeConfig | None = None
+    """An LLM judge for traces the grader could not settle (after grade); absent: no judge stage."""
     score: ScoreConfig | None = None
     """PRM scoring between grade and curate; absent: no score stage."""
     curate: CurateConfig = field(default_factory=CurateConfig)
@@ -104,12 +107,13 @@ class Runner:
     """Runs a recipe's stages into run.output_dir, reusing finished work."""
 
     def __init__(self, recipe: Recipe, engine: Engine | None = None, log: Callable[[str], None] = console.say,
-                 scorer=None, rewriter: Engine | None = None, command: str = "run"):
+                 scorer=None, rewriter: Engine | None = None, command: str = "run", judge: Engine | None = None):
         self.recipe = recipe
         self.run_dir = Path(recipe.run.output_dir)
         self._engine = engine
         self._scorer = scorer
         self._rewriter = rewriter
+        self._judge = judge
         self._pool = None
         self.log = log
         self.stats: dict[str, dict] = {}
@@ -131,6 +135,20 @@ class Runner:
         """The teacher engine if this run started (or was given) one, else None; for a caller
         that wants to reuse it after the run (the demo evaluates its students on it)."""
         return self._engine
+
+    @property
+    def judge(self) -> Engine:
+        model = self.recipe.judge.model
+        if model is None or model == self.recipe.engine.model:
+            return self.engine
+        if self._judge is None:
+            from dataclasses import replace
+
+            from factory.engines import make_engine
+
+            self.log(f"starting the judge {model} ...")
+            self._judge = make_engine(replace(self.recipe.engine, model=model), self.run_dir / "judge")
+        return self._judge
 
     @property
     def rewriter(self) -> Engine:
@@ -235,6 +253,11 @@ class Runner:
                 return graded, schema.table(dropped, schema.REJECTED), \
                     {"verdicts": {v: verdicts.count(v) for v in set(verdicts)}, **labels}
             return fn
+        if name == "judge":
+            def fn(t: pa.Table):
+                judged, counts = judge_table(t, r.judge, self.judge)
+                return judged, empty, {"judge": counts}
+            return fn
         if name == "score":
             from prm.score import score_table
 
@@ -311,6 +334,13 @@ class Runner:
     def run_grade(self, upstream: store.StageDir) -> store.StageDir:
         return self.run_map("grade", upstream, self.recipe.grade)
 
+    def run_judge(self, upstream: store.StageDir) -> store.StageDir:
+        from factory.stages.judge import check
+
+        check(self.recipe.judge)
+        e = self.recipe.engine
+        return self.run_map("judge", upstream, self.recipe.judge, extra_fp=(self.recipe.judge.model or e.model, e.model))
+
     def run_score(self, upstream: store.StageDir) -> store.StageDir:
         from prm.score import check
 
@@ -369,6 +399,8 @@ class Runner:
                 problems = stages[name] = getattr(self, f"run_{name}")(problems)
         traces = stages["rollout"] = self.run_rollout(problems)
         graded = stages["grade"] = self.run_grade(traces)
+        if self.recipe.judge is not None:
+            graded = stages["judge"] = self.run_judge(graded)
         if self.recipe.score is not None:
             graded = stages["score"] = self.run_score(graded)
         self.run_curate(graded)
@@ -469,7 +501,7 @@ def build_manifest(recipe: Recipe, stages: dict[str, store.StageDir], seconds: f
             gen = sum(s.get("generate_seconds", 0.0) for s in shards)
             if gen > 0:
                 entry["tokens_per_s"] = round(tokens / gen, 1)
-        for key in ("verdicts", "prm_status", "rewrites", "duplicates", "contaminated_by", "unlabeled"):  # stages' own counts
+        for key in ("verdicts", "prm_status", "rewrites", "duplicates", "contaminated_by", "unlabeled", "judge"):  # stages' own counts
             if any(key in s for s in shards):
                 total: dict[str, int] = {}
                 for s in shards:
@@ -494,6 +526,6 @@ def build_manifest(recipe: Recipe, stages: dict[str, store.StageDir], seconds: f
 
 
 def run(recipe: Recipe, engine: Engine | None = None, log: Callable[[str], None] = console.say, scorer=None,
-        rewriter: Engine | None = None) -> dict:
-    """Run `recipe`'s stages; pass `engine` (a PRM `scorer`, a `rewriter`) to reuse ones already loaded."""
-    return Runner(recipe, engine, log, scorer, rewriter).run()
+        rewriter: Engine | None = None, judge: Engine | None = None) -> dict:
+    """Run `recipe`'s stages; pass `engine` (a PRM `scorer`, a `rewriter`, a `judge`) to reuse ones already loaded."""
+    return Runner(recipe, engine, log, scorer, rewriter, judge=judge).run()

@@ -17,6 +17,8 @@ def summary(manifest: dict) -> str:
             notes = ", ".join(f"{k}={v}" for k, v in sorted(s["verdicts"].items())) + (f"; dropped {notes}" if notes else "")
         if s.get("unlabeled"):
             notes += f"; majority-labelled problems={s['unlabeled']['labelled']}"
+        if "judge" in s:
+            notes = ", ".join(f"{k}={v}" for k, v in s["judge"].items())
         if "prm_status" in s:
             notes = "prm_status: " + ", ".join(f"{k}={v}" for k, v in sorted(s["prm_status"].items()))
         if "pairs" in s:

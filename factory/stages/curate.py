@@ -22,6 +22,7 @@ from typing import Callable
 import pyarrow as pa
 
 from factory import schema
+from factory.stages.judge import effective_verdict
 
 
 @dataclass
@@ -52,6 +53,9 @@ class CurateConfig:
     pairing: str = "random"
     """random: shuffled correct x incorrect; length_matched: each chosen with the rejected trace
     closest in length (keeps DPO from learning length alone)."""
+    use_judge: bool = True
+    """Where the judge stage gave a trace correct or wrong, count that in place of the symbolic
+    verdict (pass rate, SFT rows, pairs); both stay in the row."""
     rejected_verdicts: list[str] = field(default_factory=lambda: ["wrong"])
     """Verdicts whose traces may be the rejected side of a pair."""
     seed: int = 0
@@ -107,9 +111,12 @@ def curate_table(graded: pa.Table, cfg: CurateConfig, prompt_fn: Callable[[str],
     def drop(t: dict, reason: str, detail: str) -> None:
         rejected.append(schema.rejected_row("curate", reason, t, detail, t["problem_id"], t["trace_id"]))
 
+    def verdict(t: dict) -> str:
+        return effective_verdict(t) if cfg.use_judge else t["verdict"]
+
     for pid in sorted(by_problem):
         traces = sorted(by_problem[pid], key=lambda t: t["sample_index"])
-        n_correct = sum(t["verdict"] == "correct" for t in traces)
+        n_correct = sum(verdict(t) == "correct" for t in traces)
         pass_rate = n_correct / len(traces)
         difficulty = 1.0 - pass_rate
         stats = {"num_traces": len(traces), "num_correct": n_correct, "pass_rate": pass_rate,
@@ -125,8 +132,9 @@ def curate_table(graded: pa.Table, cfg: CurateConfig, prompt_fn: Callable[[str],
             continue
         good = []  # correct traces that pass the quality filters: SFT rows and chosen sides of pairs
         for t in traces:
-            if t["verdict"] != "correct":
-                drop(t, f"verdict_{t['verdict']}", t["grade_detail"] or "")
+            if verdict(t) != "correct":
+                judged = f"; judge: {t['judge_verdict']}" if t.get("judge_verdict") else ""
+                drop(t, f"verdict_{verdict(t)}", (t["grade_detail"] or "") + judged)
             elif t.get("forced_answer") and not cfg.keep_forced:
                 drop(t, "forced_answer", f"still thinking at the budget; answered after a forced close "
                      f"({t['num_tokens']} tokens)")
@@ -154,16 +162,18 @@ def curate_table(graded: pa.Table, cfg: CurateConfig, prompt_fn: Callable[[str],
         for t in ranked[: cfg.max_traces_per_problem]:
             keep.append({**t, **stats, "prompt": prompt,
                          "completion": [{"role": "assistant", "content": t["text"]}]})
-        bad = [t for t in traces if t["verdict"] in cfg.rejected_verdicts]
+        bad = [t for t in traces if verdict(t) in cfg.rejected_verdicts]
         for g, b in _pairs(good, bad, cfg, rng):
             pairs.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": g["text"]}],
                           "rejected": [{"role": "assistant", "content": b["text"]}], "problem_id": pid,
                           "chosen_trace_id": g["trace_id"], "rejected_trace_id": b["trace_id"],
-                          "rejected_verdict": b["verdict"], "source": g["source"], **stats})
+                          "rejected_verdict": verdict(b), "source": g["source"], **stats})
     keep.sort(key=lambda r: (r["difficulty"], r["problem_id"], r["num_tokens"], r["trace_id"]))
     pairs.sort(key=lambda r: (r["difficulty"], r["problem_id"]))
-    # score-stage and rewrite-check columns travel on
-    extra = [f for f in graded.schema if f.name.startswith(("prm_", "check_"))]
+    # score-stage, judge and rewrite-check columns travel on, and the symbolic verdict beside the judge's
+    extra = [f for f in graded.schema if f.name.startswith(("prm_", "check_", "judge_"))]
+    if any(f.name == "judge_verdict" for f in extra):
+        extra = [graded.schema.field("verdict")] + extra
     curriculum = schema.table(keep, pa.schema(list(schema.CURRICULUM) + extra))
     difficulty_schema = pa.schema([("problem_id", pa.string()), ("source", pa.string()), ("split", pa.string()),
                                    ("level", pa.int32()), ("origin", pa.string()), ("parent_problem_id", pa.string()),
