@@ -5,6 +5,12 @@ expression that never finishes would hang the run. Here each worker is a process
 item at a time; an item that outlives `timeout_s` gets its worker killed and replaced, and
 comes back as `TimedOut`. Workers are spawned (not forked) so a parent that holds an
 inference engine's threads is never copied into them.
+
+An item's clock starts when its worker is ready, not when the item is sent: a spawned worker
+first re-imports the parent's `__main__` module, and a script that imports vLLM and the
+trainer takes 16 s to start on 2 busy cores. Timed from the send, every first item of a fresh
+worker timed out, the worker was replaced, and the next fresh one met the same fate: a pool
+that never graded anything. A worker that is not ready within `start_timeout_s` fails its item.
 """
 
 from __future__ import annotations
@@ -27,7 +33,11 @@ class Failed:
     error: str
 
 
+_READY = (None, None)
+
+
 def _serve(fn: Callable[[Any], Any], conn: Connection) -> None:
+    conn.send(_READY)  # imports done: from now on an item's time is its own
     while True:
         item = conn.recv()
         if item is None:
@@ -45,7 +55,8 @@ class _Worker:
         self.proc.start()
         child.close()
         self.job: int | None = None
-        self.started = 0.0
+        self.started = 0.0  # when the current item's clock started
+        self.ready = False
 
     def kill(self) -> None:
         self.proc.kill()
@@ -60,8 +71,9 @@ class TimeoutPool:
     a `TimedOut`, or a `Failed` carrying the traceback.
     """
 
-    def __init__(self, fn: Callable[[Any], Any], workers: int = 2, timeout_s: float = 5.0):
-        self.fn, self.timeout_s = fn, timeout_s
+    def __init__(self, fn: Callable[[Any], Any], workers: int = 2, timeout_s: float = 5.0,
+                 start_timeout_s: float = 300.0):
+        self.fn, self.timeout_s, self.start_timeout_s = fn, timeout_s, start_timeout_s
         self._ctx = mp.get_context("spawn")
         self._workers = [_Worker(self._ctx, fn) for _ in range(max(1, workers))]
         self.restarts = 0
@@ -102,7 +114,7 @@ class TimeoutPool:
                 w.conn.send(items[j])
                 busy.append(w)
             now = time.monotonic()
-            deadline = min(w.started + self.timeout_s for w in busy) - now
+            deadline = min(w.started + self._limit(w) for w in busy) - now
             ready = wait([w.conn for w in busy], timeout=max(0.0, deadline))
             for w in list(busy):
                 if w.conn in ready:
@@ -113,9 +125,13 @@ class TimeoutPool:
                         busy.remove(w)
                         idle.append(self._replace(w))
                         continue
+                    if ok is None:  # started up: the item sent to it starts its clock now
+                        w.ready, w.started = True, time.monotonic()
+                        continue
                     results[w.job] = value if ok else Failed(value)
-                elif time.monotonic() - w.started >= self.timeout_s:
-                    results[w.job] = TimedOut(self.timeout_s)
+                elif time.monotonic() - w.started >= self._limit(w):
+                    results[w.job] = (TimedOut(self.timeout_s) if w.ready else
+                                      Failed(f"worker process did not start in {self.start_timeout_s:g}s"))
                     busy.remove(w)
                     idle.append(self._replace(w))
                     continue
@@ -126,6 +142,9 @@ class TimeoutPool:
             while next_out in results:
                 yield results.pop(next_out)
                 next_out += 1
+
+    def _limit(self, w: _Worker) -> float:
+        return self.timeout_s if w.ready else self.start_timeout_s
 
     def _replace(self, w: _Worker) -> _Worker:
         w.kill()

@@ -63,3 +63,18 @@ def test_pool_timeout_per_item():
         out = list(pool.map([0.0, 5.0, 0.1, 5.0, 0.0]))
     assert out[0] == 0.0 and out[2] == 0.1 and out[4] == 0.0
     assert isinstance(out[1], TimedOut) and isinstance(out[3], TimedOut)
+
+
+def test_an_item_is_timed_from_its_worker_being_ready_not_from_its_send(tmp_path, monkeypatch):
+    # a worker spends its first seconds importing (the parent's __main__, the function's module):
+    # those seconds are not the item's, or a pool with a short timeout never grades anything
+    (tmp_path / "slow_to_import.py").write_text("import time\ntime.sleep(2.0)\n\ndef double(x):\n    return 2 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import slow_to_import
+
+    with TimeoutPool(slow_to_import.double, workers=2, timeout_s=0.5) as pool:
+        assert list(pool.map([1, 2, 3])) == [2, 4, 6]
+        assert pool.restarts == 0
+    with TimeoutPool(slow_to_import.double, workers=1, timeout_s=0.5, start_timeout_s=0.5) as pool:
+        out = list(pool.map([1]))
+    assert isinstance(out[0], Failed) and "did not start" in out[0].error
