@@ -43,8 +43,15 @@ def bar(total: int | None = None, desc: str = "", unit: str = "it", initial: int
     """A tqdm bar on the terminal (one live line)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable, file=out(),
-                dynamic_ncols=True, leave=True, position=0)
+    stream = out()
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    # into a file or a pipe (CI, nohup), a bar redrawn 10 times a second is megabytes of lines:
+    # there it writes one line every 30 s
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable, file=stream,
+                dynamic_ncols=True, leave=True, position=0, mininterval=0.1 if tty else 30.0)
 
 
 @contextlib.contextmanager
