@@ -51,11 +51,31 @@ def test_competence_curves():
     assert competence(0.5, 0.2, "linear") == pytest.approx(0.6)
 
 
+def test_group_by_length_regroups_within_windows_and_keeps_the_rows():
+    lengths = [(i * 37) % 50 + 5 for i in range(40)]  # lengths unrelated to difficulty
+    plain = training_order(DIFF, OrderConfig("sorted", epochs=2), 8)
+    order = training_order(DIFF, OrderConfig("sorted", epochs=2, group_by_length=2), 8, lengths=lengths, micro_batch=4)
+    assert sorted(order) == sorted(plain) and order != plain
+    for w in range(0, 80, 16):  # a window of 2 steps holds the same rows as before, so the course keeps its grain
+        assert sorted(order[w:w + 16]) == sorted(plain[w:w + 16])
+    spread = lambda o: sum(max(lengths[i] for i in o[j:j + 4]) - min(lengths[i] for i in o[j:j + 4])
+                           for j in range(0, 80, 4))
+    assert spread(order) < spread(plain) / 3  # micro-batches of similar length: little padding
+    assert order == training_order(DIFF, OrderConfig("sorted", epochs=2, group_by_length=2), 8,
+                                   lengths=lengths, micro_batch=4)
+    # a window that is not a whole number of micro-batches keeps its short batch last
+    odd = training_order(DIFF[:10], OrderConfig("sorted", group_by_length=1), 8, lengths=lengths[:10], micro_batch=3)
+    assert sorted(odd[:8]) == list(range(8)) and len(odd) == 10 and sorted(odd[8:]) == [8, 9]
+    with pytest.raises(ValueError, match="lengths"):
+        training_order(DIFF, OrderConfig("sorted", group_by_length=2), 8)
+
+
 @pytest.mark.parametrize("cfg,message", [
     (OrderConfig("random"), "strategy='random'"),
     (OrderConfig("pacing", pacing="cubic"), "pacing='cubic'"),
     (OrderConfig("staged", stages=[]), "at least one stage"),
     (OrderConfig("sorted", epochs=0), "epochs=0"),
+    (OrderConfig("sorted", group_by_length=-1), "group_by_length=-1"),
 ])
 def test_bad_orders_are_errors(cfg, message):
     with pytest.raises(ValueError, match=message):

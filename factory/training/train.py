@@ -374,7 +374,8 @@ def plan(kind: str, recipe: SFTRecipe | DPORecipe, log: Callable[[str], None] = 
     max_length, keep, too_long = length_policy(lengths, recipe.data)
     kept = data.take(keep)
     per_step = recipe.train.per_device_train_batch_size * recipe.train.gradient_accumulation_steps * world_size()
-    order = training_order(kept.column("difficulty").to_pylist(), recipe.data.order, per_step)
+    order = training_order(kept.column("difficulty").to_pylist(), recipe.data.order, per_step,
+                           lengths=[lengths[i] for i in keep], micro_batch=recipe.train.per_device_train_batch_size)
     max_steps = recipe.train.extra.get("max_steps", -1)
     if max_steps and max_steps > 0:  # training stops there: the rest of the order would be tokenized for nothing
         order = order[: max_steps * per_step]
