@@ -28,6 +28,7 @@ is right", so the head sees the prefix too.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -79,36 +80,64 @@ class Head:
         return torch.sigmoid(z @ torch.tensor(self.weights) + self.bias)
 
 
-def encode(tokenizer, rendering: Rendering, question: str, steps: list[str]) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids of the rendered trace and each step's [start, end) token span (the joiner
-    before a step belongs to it: it is the model's choice to go on)."""
+def _prompt_ids(tokenizer, rendering: Rendering, question: str) -> list[int]:
     r = rendering
     messages = ([{"role": "system", "content": r.system_prompt}] if r.system_prompt else []) + [
         {"role": "user", "content": r.question_template.format(question=question)}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(prompt + r.response_prefix, add_special_tokens=False)["input_ids"]
-    spans = []
-    for i, step in enumerate(steps):
-        piece = tokenizer((r.step_join if i else "") + step, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt + r.response_prefix, add_special_tokens=False)["input_ids"]
+
+
+def _assemble(prompt: list[int], pieces: list[list[int]]) -> tuple[list[int], list[tuple[int, int]]]:
+    ids, spans = list(prompt), []
+    for piece in pieces:
         spans.append((len(ids), len(ids) + len(piece)))
-        ids = ids + piece
+        ids += piece
     return ids, spans
 
 
-def step_features(logits: torch.Tensor, ids: list[int], spans: list[tuple[int, int]]) -> torch.Tensor:
-    """[steps, 8] features of one trace from its logits ([T, V], position t predicts token t+1)."""
-    target = torch.tensor(ids)
+def encode(tokenizer, rendering: Rendering, question: str, steps: list[str]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of the rendered trace and each step's [start, end) token span (the joiner
+    before a step belongs to it: it is the model's choice to go on)."""
+    return encode_many(tokenizer, rendering, [(question, steps)])[0]
+
+
+def encode_many(tokenizer, rendering: Rendering, items: list[tuple[str, list[str]]]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """`encode` for many traces: a question's prompt is rendered once (K traces share it) and
+    all steps are tokenized in one batched call; the ids are the same as one by one."""
+    prompts: dict[str, list[int]] = {}
+    for q, _ in items:
+        if q not in prompts:
+            prompts[q] = _prompt_ids(tokenizer, rendering, q)
+    texts = [(rendering.step_join if i else "") + step for _, steps in items for i, step in enumerate(steps)]
+    pieces = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    out, at = [], 0
+    for q, steps in items:
+        out.append(_assemble(prompts[q], pieces[at: at + len(steps)]))
+        at += len(steps)
+    return out
+
+
+def token_surprise(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position t >= 1 of each row: log p(token t) and log p(token t) - log p(top token)
+    ([B, T-1] each; index t-1 holds token t's values)."""
+    lg = logits[:, :-1].float()
+    tok = lg.gather(-1, input_ids[:, 1:, None].to(lg.device))[..., 0]
+    return tok - lg.logsumexp(-1), tok - lg.max(-1).values
+
+
+def step_features(logp: list[float], margin: list[float], spans: list[tuple[int, int]]) -> torch.Tensor:
+    """[steps, 8] features of one trace from its per-token log-probabilities and margins (as
+    `token_surprise` gives them: index t-1 holds token t)."""
     rows, prefix = [], None
     for a, b in spans:
-        lg = logits[a - 1: b - 1].float()  # the predictions of tokens a..b-1
-        lse = lg.logsumexp(-1)
-        tok = lg.gather(1, target[a:b, None])[:, 0]
-        logp, margin = tok - lse, tok - lg.max(-1).values
-        own = [logp.exp().min().item(), logp.mean().item(), margin.min().item(), float((margin < 0).any())]
+        lp, mg = logp[a - 1: b - 1], margin[a - 1: b - 1]
+        low = min(mg)
+        own = [math.exp(min(lp)), sum(lp) / len(lp), low, float(low < 0)]
         prefix = own if prefix is None else [min(prefix[0], own[0]), min(prefix[1], own[1]),
                                              min(prefix[2], own[2]), max(prefix[3], own[3])]
         rows.append(own + prefix)
-    return torch.tensor(rows).reshape(len(spans), len(FEATURES))
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(spans), len(FEATURES))
 
 
 @torch.no_grad()
@@ -116,7 +145,7 @@ def trace_features(model, tokenizer, rendering: Rendering, items: list[tuple[str
                    max_length: int, device: str) -> list[tuple[torch.Tensor | None, int]]:
     """Per trace, its [steps, 8] features (None when it is longer than `max_length`) and its
     token count. Sequences are batched by length and right-padded."""
-    encoded = [encode(tokenizer, rendering, q, steps) for q, steps in items]
+    encoded = encode_many(tokenizer, rendering, items)
     feats: list[torch.Tensor | None] = [None] * len(items)
     todo = sorted((i for i, (ids, _) in enumerate(encoded) if len(ids) <= max_length),
                   key=lambda i: len(encoded[i][0]))
@@ -129,9 +158,10 @@ def trace_features(model, tokenizer, rendering: Rendering, items: list[tuple[str
         for row, i in enumerate(chunk):
             n = len(encoded[i][0])
             input_ids[row, :n], attention[row, :n] = torch.tensor(encoded[i][0]), 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.cpu()
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+        logp, margin = (t.cpu().tolist() for t in token_surprise(logits, input_ids))
         for row, i in enumerate(chunk):
-            feats[i] = step_features(logits[row], *encoded[i])
+            feats[i] = step_features(logp[row], margin[row], encoded[i][1])
     return [(f, len(ids)) for f, (ids, _) in zip(feats, encoded)]
 
 
