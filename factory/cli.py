@@ -6,10 +6,12 @@
     factory publish RUN_DIR REPO_ID [--private]   upload the products and the dataset card to a hub dataset repo
     factory train sft|dpo RECIPE [key=value ...]  curriculum SFT / DPO on a run's shards (TRL)
         [--dry-run]                                 check data, lengths, order and TRL arguments; no weights
+    factory train grpo RECIPE [key=value ...]     GRPO on the run's problems with the grader as reward (TRL)
     factory eval RECIPE [key=value ...]           pass@k / maj@k of a model on held-out problems
     factory eval --compare A B                    two eval results side by side
     factory prm score|label|train|eval|calibrate RECIPE [key=value ...]   process reward models (prm/cli.py)
     factory demo RECIPE [key=value ...]           the whole loop on the shipped tiny models, with a report
+    factory loop RECIPE [key=value ...]           rounds: run -> train -> eval, the student becomes the teacher
 
 By default a command shows its own lines and one live line per stage; what the libraries
 print (vLLM, transformers, datasets, math-verify, Ray) goes to <output dir>/logs/<command>.log.
@@ -46,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p_publish.add_argument("--private", action="store_true")
     p_inspect = sub.add_parser("inspect", help="print a run's counts and difficulty histogram")
     p_inspect.add_argument("run_dir", type=Path)
-    p_train = sub.add_parser("train", help="curriculum SFT or DPO on a run's shards", parents=[loud])
-    p_train.add_argument("kind", choices=["sft", "dpo"])
+    p_train = sub.add_parser("train", help="curriculum SFT or DPO on a run's shards; GRPO on its problems", parents=[loud])
+    p_train.add_argument("kind", choices=["sft", "dpo", "grpo"])
     p_train.add_argument("recipe")
     p_train.add_argument("overrides", nargs="*", help="section.key=value")
     p_train.add_argument("--dry-run", action="store_true",
@@ -63,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="the whole loop on the shipped tiny models, with a report", parents=[loud])
     p_demo.add_argument("recipe")
     p_demo.add_argument("overrides", nargs="*", help="section.key=value")
+    p_loop = sub.add_parser("loop", help="rounds in which the trained student becomes the next teacher", parents=[loud])
+    p_loop.add_argument("recipe")
+    p_loop.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "run":
@@ -85,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"published {args.run_dir} to {publish(args.run_dir, args.repo_id, args.private)}")
         elif args.cmd == "inspect":
             print(inspect(args.run_dir))
+        elif args.cmd == "train" and args.kind == "grpo":
+            from factory.training import grpo
+
+            recipe = grpo.load_recipe(args.recipe, args.overrides)
+            with console.quiet(Path(recipe.train.output_dir) / "logs", "train-grpo", args.verbose or args.dry_run):
+                report = grpo.train(recipe, dry_run=args.dry_run)
+            if args.dry_run:
+                print(json.dumps({k: report[k] for k in ("prompts", "data")}, indent=2))
         elif args.cmd == "train":
             from factory.training import train
 
@@ -113,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
                 if logs:
                     console.say(f"library logs: {logs}")
                 demo.run_demo(recipe)
+        elif args.cmd == "loop":
+            from factory import rounds
+
+            recipe = rounds.load_recipe(args.recipe, args.overrides)
+            with console.quiet(Path(recipe.rounds.output_dir) / "logs", "loop", args.verbose) as logs:
+                if logs:
+                    console.say(f"library logs: {logs}")
+                rounds.run_loop(recipe)
         elif args.cmd == "prm":
             from prm import cli as prm_cli
 

@@ -150,18 +150,26 @@ def label_unlabeled(traces: pa.Table, config: GradeConfig, pool: TimeoutPool) ->
     return schema.table(kept, traces.schema), rejected, {"unlabeled": counts}
 
 
+def grade_many(jobs: list[GradeJob], pool: TimeoutPool) -> list[tuple[str, str | None, str]]:
+    """(verdict, extracted answer, detail) per job, in order: the grade stage's verdicts, and the
+    GRPO trainer's accuracy reward (factory.training.grpo), from this one function."""
+    out = []
+    for result in pool.map(jobs):
+        if isinstance(result, TimedOut):
+            out.append((verify.TIMEOUT, None, f"grading took over {result.seconds:g}s"))
+        elif isinstance(result, Failed):
+            # a grader bug must not pass as a wrong answer: keep it visible and unverifiable
+            out.append((verify.UNVERIFIABLE, None, "grader error: " + result.error[-500:]))
+        else:
+            out.append(result)
+    return out
+
+
 def grade_table(traces: pa.Table, config: GradeConfig, pool: TimeoutPool) -> pa.Table:
     """Add the grade columns to a traces table (one verdict per row, in order)."""
     rows = traces.to_pylist()
     jobs = [GradeJob(r["text"], r["answer"], r["domain"], r["choices"], config) for r in rows]
-    for row, result in zip(rows, pool.map(jobs)):
-        if isinstance(result, TimedOut):
-            verdict, extracted, detail = verify.TIMEOUT, None, f"grading took over {result.seconds:g}s"
-        elif isinstance(result, Failed):
-            # a grader bug must not pass as a wrong answer: keep it visible and unverifiable
-            verdict, extracted, detail = verify.UNVERIFIABLE, None, "grader error: " + result.error[-500:]
-        else:
-            verdict, extracted, detail = result
+    for row, (verdict, extracted, detail) in zip(rows, grade_many(jobs, pool)):
         row.update(verdict=verdict, extracted_answer=extracted, grade_detail=detail,
                    format_ok=answers.format_ok(row["text"]))
     return schema.table(rows, schema.extend(traces.schema, schema.GRADE_COLUMNS))

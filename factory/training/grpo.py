@@ -1,0 +1,339 @@
+"""`factory train grpo`: RL of a student on the factory's own rule rewards, on TRL's GRPOTrainer.
+
+In:  a factory run directory (its graded problems and RUN/difficulty.parquet) and a student.
+Out: TRAIN.output_dir/ with the trained model and tokenizer, `factory_train.json` (resolved
+     recipe, TRL arguments, package versions, the files consumed with their sha256, the prompts
+     left out and why, the reward history per logged step) and `prompts.jsonl` (the problem ids
+     in the order the trainer sees them).
+
+    factory train grpo recipes/demo_grpo.yaml model.path=runs/demo/student-sft
+
+The loop is TRL's (group sampling, advantages, clipped policy loss, KL to the reference, vLLM
+generation on a GPU with `grpo.use_vllm`). What the factory adds is what it already knows:
+
+- rewards are the grade stage's code, not a copy: `accuracy` is 1 when `grade.grade_many` calls
+  the completion `correct` against the problem's reference (in the same timeout worker pool, so
+  math-verify's signal-based timeouts stay in worker processes), `format` is `answers.format_ok`
+  (R1's `<think>...</think>` then an answer). Their weights come from `reward:`.
+- prompts are the run's problems with their measured pass rates. A problem every teacher trace
+  solved, or none did, is left out by default: a group whose rewards are all equal has zero
+  advantage and teaches nothing (DAPO's dynamic sampling, done up front with data the run already
+  has). A problem with any `unverifiable` trace is always left out: its reward would be noise.
+- the order is the curriculum's (`data.order`, factory.training.curriculum), counted in prompts
+  per optimizer step; TRL's sampler is told not to shuffle.
+- the prompt is the one the teacher saw (the run's rollout settings: chat template or R1-Zero),
+  unless `data.prompt_format` / `data.question_template` say otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from factory import answers, config as config_mod, console, store, verify
+from factory.stages.grade import GradeConfig, GradeJob, grade_many, make_pool
+from factory.stages.rollout import R1_ZERO_TEMPLATE, RolloutConfig, prompt_messages
+from factory.training.curriculum import OrderConfig, training_order
+from factory.training.train import ConsoleProgress, ModelConfig, TrainConfig, last_checkpoint, load_model, \
+    load_tokenizer, peft_config
+
+
+@dataclass
+class GRPOData:
+    run_dir: str = ""
+    """A finished `factory run` directory: its graded problems and difficulty.parquet."""
+    splits: list[str] = field(default_factory=lambda: ["train"])
+    """Problem splits to train on."""
+    keep_all_solved: bool = False
+    """Keep problems every teacher trace solved (zero advantage unless the student differs)."""
+    keep_none_solved: bool = False
+    """Keep problems no teacher trace solved."""
+    max_problems: int | None = None
+    """Use only the first N problems of the order's first pass (None: all)."""
+    order: OrderConfig = field(default_factory=lambda: OrderConfig(strategy="sorted", epochs=1))
+    """Order of the prompts (factory.training.curriculum), in prompts per optimizer step."""
+    prompt_format: str | None = None
+    """chat | r1_zero; None: as the run's rollout."""
+    question_template: str | None = None
+    """None: as the run's rollout."""
+    system_prompt: str | None = None
+    """None: as the run's rollout."""
+
+
+@dataclass
+class RewardWeights:
+    accuracy: float = 1.0
+    """Weight of the accuracy reward (1 for a `correct` verdict, else 0)."""
+    format: float = 0.5
+    """Weight of the format reward (1 when `<think>...</think>` then an answer)."""
+
+
+@dataclass
+class GRPOSettings:
+    num_generations: int = 8
+    """Completions per prompt (the group)."""
+    max_completion_length: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.001
+    """KL coefficient to the reference (DeepSeek-R1's 0.001; 0 loads no reference model)."""
+    epsilon: float = 0.2
+    """Clip range of the policy ratio."""
+    loss_type: str = "dapo"
+    """TRL's loss aggregation: dapo | grpo | dr_grpo | bnpo | ..."""
+    scale_rewards: str = "group"
+    """group | batch | none (Dr. GRPO)."""
+    num_iterations: int = 1
+    """Policy updates per generated batch (mu)."""
+    generation_batch_size: int | None = None
+    """Completions generated at once; None: TRL's default (the effective batch)."""
+    use_vllm: bool = False
+    """Generate with vLLM (GPU): TRL's use_vllm."""
+    vllm_mode: str = "colocate"
+    """colocate (vLLM in the trainer's process) | server (`trl vllm-serve`)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """colocate: the GPU share vLLM may take beside the trainer."""
+    log_completions: bool = False
+
+
+@dataclass
+class GRPORecipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: GRPOData = field(default_factory=GRPOData)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=1e-6, warmup_steps=0.0))
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
+    reward: RewardWeights = field(default_factory=RewardWeights)
+    grade: GradeConfig = field(default_factory=GradeConfig)
+    """How completions are graded (the grade stage's settings)."""
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> GRPORecipe:
+    return config_mod.load(GRPORecipe, path, overrides)
+
+
+# --- rewards ----------------------------------------------------------------------------
+
+
+def completion_text(completion) -> str:
+    """TRL hands a conversational completion as [{"role": "assistant", "content": ...}]."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(m.get("content") or "" for m in completion)
+
+
+class Rewards:
+    """The two rule rewards as TRL reward functions (named `accuracy` and `format` in its logs)."""
+
+    def __init__(self, grade: GradeConfig, pool):
+        self.grade, self.pool = grade, pool
+
+    def verdicts(self, completions, answer, domain, choices) -> list[str]:
+        jobs = [GradeJob(completion_text(c), a, d, ch, self.grade)
+                for c, a, d, ch in zip(completions, answer, domain, choices)]
+        return [v for v, _, _ in grade_many(jobs, self.pool)]
+
+    def accuracy(self, completions, answer, domain, choices, **_) -> list[float]:
+        return [1.0 if v == verify.CORRECT else 0.0 for v in self.verdicts(completions, answer, domain, choices)]
+
+    def format(self, completions, **_) -> list[float]:
+        return [1.0 if answers.format_ok(completion_text(c)) else 0.0 for c in completions]
+
+
+# --- prompts ----------------------------------------------------------------------------
+
+
+PROBLEM_COLUMNS = ["problem_id", "question", "answer", "domain", "choices", "split", "level"]
+
+
+def read_problems(run_dir: str | Path) -> tuple[pa.Table, dict]:
+    """One row per graded problem of a run: its fields, pass rate, difficulty and whether any of
+    its traces was unverifiable; and the files read, with their sha256."""
+    run = Path(run_dir)
+    diff_path = run / "difficulty.parquet"
+    if not diff_path.exists():
+        raise FileNotFoundError(f"{diff_path}: not found; data.run_dir must be a finished `factory run` directory")
+    grade = store.StageDir(run, "grade")
+    files = [grade.shard(i) for i in range(grade.num_shards())]
+    seen: dict[str, dict] = {}
+    for f in files:
+        t = pq.read_table(f, columns=PROBLEM_COLUMNS + ["verdict"])
+        for r in t.to_pylist():
+            p = seen.setdefault(r["problem_id"], {c: r[c] for c in PROBLEM_COLUMNS} | {"unverifiable": False})
+            p["unverifiable"] |= r["verdict"] == verify.UNVERIFIABLE
+    diff = pq.read_table(diff_path, columns=["problem_id", "num_traces", "num_correct", "pass_rate", "difficulty"])
+    rows = [seen[r["problem_id"]] | r for r in diff.to_pylist() if r["problem_id"] in seen]
+    consumed = {"run_dir": str(run.resolve()), "files": [
+        {"file": str(p.relative_to(run)), "sha256": store.sha256_file(p)} for p in [diff_path, *files]]}
+    return pa.Table.from_pylist(rows), consumed
+
+
+def select_problems(problems: pa.Table, cfg: GRPOData) -> tuple[pa.Table, dict[str, int]]:
+    """The problems RL can learn from, and how many were left out for each reason (a problem is
+    counted under its first reason)."""
+    def reason(r: dict) -> str | None:
+        if r["split"] not in cfg.splits:
+            return "split"
+        if r["unverifiable"]:
+            return "unverifiable"
+        if r["pass_rate"] >= 1.0 and not cfg.keep_all_solved:
+            return "all_solved"
+        if r["pass_rate"] <= 0.0 and not cfg.keep_none_solved:
+            return "none_solved"
+        return None
+
+    why = [reason(r) for r in problems.to_pylist()]
+    left_out = {k: why.count(k) for k in ("split", "unverifiable", "all_solved", "none_solved")}
+    return problems.filter(pa.array([w is None for w in why])), left_out
+
+
+def prompt_of(question: str, rollout: RolloutConfig):
+    """The teacher's prompt: conversational messages (chat) or plain text (R1-Zero)."""
+    if rollout.prompt_format == "r1_zero":
+        return R1_ZERO_TEMPLATE.format(question=question)
+    if rollout.prompt_format != "chat":
+        raise ValueError(f"prompt_format={rollout.prompt_format!r}; use chat or r1_zero")
+    return prompt_messages(question, rollout)
+
+
+def run_rollout_config(run_dir: str | Path, cfg: GRPOData) -> RolloutConfig:
+    """The run's rollout settings, with the recipe's prompt overrides."""
+    manifest = store.read_json(Path(run_dir) / "manifest.json")
+    rollout = config_mod.from_dict(RolloutConfig, manifest["config"]["rollout"])
+    for name in ("prompt_format", "question_template", "system_prompt"):
+        if getattr(cfg, name) is not None:
+            setattr(rollout, name, getattr(cfg, name))
+    return rollout
+
+
+def prompts_per_step(recipe: GRPORecipe, world: int = 1) -> int:
+    t, g = recipe.train, recipe.grpo
+    completions = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
+    if completions % g.num_generations:
+        raise ValueError(f"train.per_device_train_batch_size x gradient_accumulation_steps = {completions} completions "
+                         f"per step must be a multiple of grpo.num_generations={g.num_generations}")
+    return completions // g.num_generations
+
+
+@dataclass
+class Plan:
+    problems: pa.Table  # selected, in training order (a row per prompt seen)
+    rollout: RolloutConfig
+    args: object
+    report: dict
+
+
+def trl_args(recipe: GRPORecipe):
+    import torch
+    from trl import GRPOConfig
+
+    t, g = recipe.train, recipe.grpo
+    for k in ("shuffle_dataset", "num_train_epochs", "remove_unused_columns", "reward_weights"):
+        if k in t.extra:
+            raise ValueError(f"train.extra.{k} is set by the factory; use data.order / reward instead")
+    return GRPOConfig(
+        output_dir=t.output_dir, learning_rate=t.learning_rate, per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps, save_steps=t.save_steps, save_total_limit=t.save_total_limit, bf16=t.bf16,
+        gradient_checkpointing=t.gradient_checkpointing, seed=t.seed, report_to=list(t.report_to),
+        use_cpu=not torch.cuda.is_available(), num_train_epochs=1, shuffle_dataset=False,
+        remove_unused_columns=False, dataloader_num_workers=0,
+        num_generations=g.num_generations, max_completion_length=g.max_completion_length,
+        temperature=g.temperature, top_p=g.top_p, beta=g.beta, epsilon=g.epsilon, loss_type=g.loss_type,
+        scale_rewards=g.scale_rewards, num_iterations=g.num_iterations, generation_batch_size=g.generation_batch_size,
+        use_vllm=g.use_vllm, vllm_mode=g.vllm_mode, vllm_gpu_memory_utilization=g.vllm_gpu_memory_utilization,
+        log_completions=g.log_completions, reward_weights=[recipe.reward.accuracy, recipe.reward.format],
+        **t.extra)
+
+
+def plan(recipe: GRPORecipe, log: Callable[[str], None] = console.say) -> Plan:
+    """Read the run, choose the prompts and their order, build TRL's arguments (no weights)."""
+    d = recipe.data
+    problems, consumed = read_problems(d.run_dir)
+    selected, left_out = select_problems(problems, d)
+    if selected.num_rows == 0:
+        raise ValueError(f"{d.run_dir}: no problem is left to train on ({problems.num_rows} read; left out: "
+                         f"{left_out}); set data.keep_all_solved / keep_none_solved or check data.splits")
+    selected = selected.sort_by([("difficulty", "ascending"), ("problem_id", "ascending")])
+    if d.max_problems:
+        selected = selected.slice(0, d.max_problems)
+    per_step = prompts_per_step(recipe)
+    order = training_order(selected["difficulty"].to_pylist(), d.order, per_step)
+    max_steps = recipe.train.extra.get("max_steps", -1)
+    if max_steps and max_steps > 0:
+        order = order[: max_steps * per_step]
+    rollout = run_rollout_config(d.run_dir, d)
+    args = trl_args(recipe)
+    report = {"kind": "grpo", "recipe": config_mod.to_dict(recipe), "data": consumed,
+              "prompts": {"read": problems.num_rows, "selected": selected.num_rows, "left_out": left_out,
+                          "seen": len(order), "per_step": per_step, "steps": -(-len(order) // per_step),
+                          "strategy": d.order.strategy, "prompt_format": rollout.prompt_format}}
+    log(f"grpo: {selected.num_rows} of {problems.num_rows} problems ({', '.join(f'{k}={v}' for k, v in left_out.items() if v)}"
+        f" left out), {len(order)} prompts x {recipe.grpo.num_generations} completions in {report['prompts']['steps']} steps")
+    return Plan(selected.take(order), rollout, args, report)
+
+
+def reward_history(log_history: list[dict]) -> list[dict]:
+    """Per logged step: mean accuracy and format reward, total reward, the share of groups whose
+    rewards were all equal (zero advantage), completion length."""
+    keys = {"rewards/accuracy/mean": "accuracy", "rewards/format/mean": "format", "reward": "reward",
+            "frac_reward_zero_std": "zero_advantage_groups", "completions/mean_length": "mean_length"}
+    return [{"step": h["step"], **{new: h[old] for old, new in keys.items() if old in h}}
+            for h in log_history if "reward" in h]
+
+
+def train(recipe: GRPORecipe, dry_run: bool = False, log: Callable[[str], None] = console.say) -> dict:
+    """Train (or plan only) and write the reports; returns factory_train.json's content."""
+    t0 = time.perf_counter()
+    p = plan(recipe, log)
+    if dry_run:
+        p.report["trl_args"] = {k: str(v) for k, v in p.args.to_dict().items()}
+        return p.report
+    import datasets
+    from trl import GRPOTrainer
+
+    from factory.run.pipeline import package_versions
+
+    out = Path(recipe.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = p.problems.to_pylist()
+    with open(out / "prompts.jsonl", "w") as f:
+        f.writelines(json.dumps({"i": i, "problem_id": r["problem_id"], "pass_rate": r["pass_rate"]}) + "\n"
+                     for i, r in enumerate(rows))
+    ds = datasets.Dataset.from_list([{"prompt": prompt_of(r["question"], p.rollout), "answer": r["answer"],
+                                      "domain": r["domain"], "choices": r["choices"], "problem_id": r["problem_id"]}
+                                     for r in rows])
+    tokenizer = load_tokenizer(recipe.model)
+    tokenizer.padding_side = "left"  # TRL generates from left-padded prompts
+    with make_pool(recipe.grade) as pool:
+        rewards = Rewards(recipe.grade, pool)
+        trainer = GRPOTrainer(model=load_model(recipe.model), reward_funcs=[rewards.accuracy, rewards.format],
+                              args=p.args, train_dataset=ds, processing_class=tokenizer,
+                              peft_config=peft_config(recipe.model.lora))
+        if console.log_path() is not None:
+            trainer.add_callback(ConsoleProgress(f"grpo {out.name}"))
+        resume = last_checkpoint(str(out))
+        if resume:
+            log(f"grpo: resuming from {resume}")
+        result = trainer.train(resume_from_checkpoint=resume)
+    if not recipe.model.lora.enabled:
+        trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        if recipe.model.lora.enabled:
+            trainer.model.merge_and_unload().save_pretrained(out)
+        tokenizer.padding_side = "right"
+        tokenizer.save_pretrained(out)
+        history = reward_history(trainer.state.log_history)
+        p.report.update(trl_args=json.loads(p.args.to_json_string()), packages=package_versions(),
+                        metrics=result.metrics, log_history=trainer.state.log_history, reward_history=history,
+                        resumed_from=resume, seconds=round(time.perf_counter() - t0, 1))
+        store.write_json(p.report, out / "factory_train.json")
+        last = history[-1] if history else {}
+        log(f"grpo: saved {out} ({p.report['seconds']} s; last accuracy reward {last.get('accuracy', float('nan')):.3f})")
+    return p.report
