@@ -37,6 +37,26 @@ def shutdown(llm) -> None:
         stop()
 
 
+def same_tokenizer(a, b) -> bool:
+    """Two model directories whose tokenizers, as transformers (and so vLLM) load them, tokenize
+    alike: the same vocabulary, merges, normalizer, pre-tokenizer and added tokens. Compared
+    after loading, not as files: a checkpoint saved by a trainer re-serializes the tokenizer it
+    was given (a builder's bare `tokenizer.json` comes back with the model family's settings
+    written out), and padding / truncation settings, which a save drops, never change a
+    prompt's ids."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    if not (Path(b) / "tokenizer.json").exists():
+        return False
+    def effective(d):
+        raw = json.loads(AutoTokenizer.from_pretrained(str(d)).backend_tokenizer.to_str())
+        return {k: v for k, v in raw.items() if k not in ("padding", "truncation")}
+    return effective(a) == effective(b)
+
+
 class VLLMEngine:
     """vLLM's offline engine. Starting one takes 25–50 s on a CPU: build it once and pass it on."""
 
@@ -141,7 +161,6 @@ class VLLMEngine:
         (vLLM's in-place `reload_weights`, what RL loops use to refresh their generator), so
         several fine-tunes of one base are evaluated by one engine instead of one start each.
         The prefix cache is cleared; `model_name` becomes `model_dir`."""
-        import filecmp
         import json
         from pathlib import Path
 
@@ -150,8 +169,7 @@ class VLLMEngine:
                  "num_key_value_heads", "vocab_size", "tie_word_embeddings")
         a, b = (json.loads((d / "config.json").read_text()) for d in (here, there))
         differs = [k for k in shape if a.get(k) != b.get(k)]
-        if not (there / "tokenizer.json").exists() or not filecmp.cmp(here / "tokenizer.json", there / "tokenizer.json",
-                                                                     shallow=False):
+        if not same_tokenizer(here, there):
             differs.append("tokenizer.json")
         if differs:
             raise ValueError(f"{model_dir}: {', '.join(differs)} differ from {self.config.model}'s; "
