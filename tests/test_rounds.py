@@ -1,0 +1,66 @@
+"""Rounds: run -> SFT -> eval, the student becomes the next round's teacher; a loop stopped
+between rounds goes on without redoing the finished one, and writes the round table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+from factory import config as config_mod, rounds
+from conftest import ROOT, toy_recipe, write_jsonl
+
+
+def loop_recipe(out: Path, teacher: Path, problems: Path, heldout: Path, n_rounds: int) -> rounds.RoundsRecipe:
+    sft = yaml.safe_load((ROOT / "recipes" / "toy_addition_sft.yaml").read_text())
+    sft["train"].update(extra={"max_steps": 3}, save_steps=100000)
+    ev = yaml.safe_load((ROOT / "recipes" / "toy_addition_eval.yaml").read_text())
+    ev["ingest"]["paths"] = [str(heldout)]
+    ev["rollout"]["num_traces"] = 2
+    ev["eval"] = {"k": [1], "group_by": "none"}
+    ev["run"]["progress"] = False
+    return config_mod.from_dict(rounds.RoundsRecipe, {
+        "pipeline": toy_recipe(out / "unused", str(teacher), problems), "sft": sft, "eval": ev,
+        "rounds": {"rounds": n_rounds, "output_dir": str(out), "student": str(teacher), "train": ["sft"],
+                   "next_problems": "unsolved"}})
+
+
+def test_two_rounds_resume_between_rounds_and_write_the_table(tmp_path, engine, teacher_dir, problems_file):
+    rows = [json.loads(l) for l in problems_file.read_text().splitlines()]
+    problems = write_jsonl(tmp_path / "problems.jsonl", rows[:30])
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", [{**r, "split": "test"} for r in rows[90:]])
+    out = tmp_path / "loop"
+    model_before = engine.model_name
+
+    first = rounds.run_loop(loop_recipe(out, teacher_dir, problems, heldout, 1), engine=engine, log=lambda m: None)
+    assert len(first) == 1 and (out / "round-1" / "round.json").exists() and not (out / "round-2").exists()
+    assert engine.model_name == model_before  # the shared engine is handed back with its own weights
+    made = {p: p.stat().st_mtime_ns for p in [out / "round-1" / "run" / "manifest.json",
+                                              out / "round-1" / "student-sft" / "model.safetensors",
+                                              out / "round-1" / "eval" / "sft" / "eval.json"]}
+
+    said: list[str] = []
+    table = rounds.run_loop(loop_recipe(out, teacher_dir, problems, heldout, 2), engine=engine, log=said.append)
+    assert any("round 1: finished before" in m for m in said)
+    assert {p: p.stat().st_mtime_ns for p in made} == made  # round 1 was not redone
+    assert [r["round"] for r in table] == [1, 2]
+    r1, r2 = table
+    assert r1["teacher"] == str(teacher_dir) and r2["teacher"] == str(out / "round-1" / "student-sft")
+    assert r1["next_student"] == r2["teacher"]  # expert iteration: round 2 trains on from round 1's student
+    # round 2 rolls out only on what round 1's teacher did not always solve
+    diff = pq.read_table(out / "round-1" / "run" / "difficulty.parquet").to_pylist()
+    unsolved = sorted(d["problem_id"] for d in diff if d["pass_rate"] < 1)
+    assert sorted(pq.read_table(out / "round-2" / "problems.parquet")["problem_id"].to_pylist()) == unsolved
+    assert r2["problems"] == len(unsolved) <= r1["problems"] == 30
+    manifest2 = json.loads((out / "round-2" / "run" / "manifest.json").read_text())
+    assert manifest2["config"]["engine"]["model"] == r2["teacher"]
+    for r in table:
+        assert 0 <= r["teacher_pass_rate"] <= 1 and r["curriculum_rows"] > 0
+        assert 0 <= r["students"]["sft"]["pass@1"] <= 1
+    assert json.loads((out / "rounds.json").read_text()) == table
+    text = (out / "rounds.txt").read_text()
+    assert text.splitlines()[0].startswith("round") and len(text.splitlines()) == 3
+    assert "<svg" in (out / "rounds.html").read_text()
+    assert engine.model_name == model_before
