@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                     console.say(f"library logs: {logs}")
                 demo.run_demo(recipe)
         elif args.cmd == "loop":
-            from factory import rounds
+            from factory.training import rounds
 
             recipe = rounds.load_recipe(args.recipe, args.overrides)
             with console.quiet(Path(recipe.rounds.output_dir) / "logs", "loop", args.verbose) as logs:

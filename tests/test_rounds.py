@@ -9,7 +9,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from factory import config as config_mod, rounds
+from factory import config as config_mod
+from factory.training import rounds
 from conftest import ROOT, toy_recipe, write_jsonl
 
 

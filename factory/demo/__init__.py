@@ -25,6 +25,7 @@ from factory.engines import make_engine
 from factory import config as config_mod, console, schema, store
 from factory.training import evaluate
 from factory.run import pipeline
+from factory.run.report import svg_bars
 from factory.training import train as train_mod
 from prm.evaluate import predicted_first_error, processbench
 from prm.steps import SplitConfig, split_steps
@@ -124,30 +125,6 @@ def pass_by_phrasing(eval_run: Path) -> dict[str, float]:
     return share_correct(graded, lambda r: arith.phrasing(r["source"]))
 
 
-def _svg_bars(title: str, labels: list[str], series: dict[str, list[float]], pct: bool = True) -> str:
-    """A grouped bar chart as inline SVG (no plotting library needed)."""
-    colors = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2"]
-    w, h, pad = 640, 240, 30
-    n, k = len(labels), len(series)
-    top = max([v for vs in series.values() for v in vs] + [1e-9])
-    bw = (w - 2 * pad) / max(1, n) / (k + 1)
-    parts = [f'<svg width="{w}" height="{h + 40}" xmlns="http://www.w3.org/2000/svg" font-size="11">',
-             f'<text x="{pad}" y="14" font-weight="bold">{title}</text>']
-    for i, lab in enumerate(labels):
-        x0 = pad + i * (k + 1) * bw
-        parts.append(f'<text x="{x0 + k * bw / 2}" y="{h + 15}" text-anchor="middle">{lab}</text>')
-        for j, (name, vals) in enumerate(series.items()):
-            v = vals[i] if i < len(vals) else 0
-            bh = (h - 40) * v / top
-            shown = f"{100 * v:.1f}%" if pct else f"{v}"
-            parts.append(f'<rect x="{x0 + j * bw}" y="{h - bh}" width="{bw - 1}" height="{bh}" fill="{colors[j % 5]}">'
-                         f'<title>{name}: {shown}</title></rect>')
-    for j, name in enumerate(series):
-        parts.append(f'<rect x="{pad + j * 130}" y="{h + 24}" width="10" height="10" fill="{colors[j % 5]}"/>'
-                     f'<text x="{pad + j * 130 + 14}" y="{h + 33}">{name}</text>')
-    return "\n".join(parts + ["</svg>"])
-
-
 def report(run: Path, results: dict[str, dict], phrasing: dict[str, dict], prm: dict,
            seconds: float) -> tuple[str, str]:
     """The printed report and its HTML version."""
@@ -189,12 +166,12 @@ def report(run: Path, results: dict[str, dict], phrasing: dict[str, dict], prm: 
     text = "\n".join(lines)
     html = ["<html><head><meta charset='utf-8'><title>factory demo</title></head><body>",
             "<h2>factory demo</h2><pre>", text, "</pre>",
-            _svg_bars("teacher pass@1 by level", [f"L{lv}" for lv in levels], {"teacher": teacher}),
-            _svg_bars("student pass@1 on held-out, by level", groups,
+            svg_bars("teacher pass@1 by level", [f"L{lv}" for lv in levels], {"teacher": teacher}),
+            svg_bars("student pass@1 on held-out, by level", groups,
                       {n: [r["groups"].get(g, {}).get("pass@1", 0) for g in groups] for n, r in results.items()}),
-            _svg_bars("student pass@1 on held-out, by phrasing", styles,
+            svg_bars("student pass@1 on held-out, by phrasing", styles,
                       {n: [phrasing[n].get(s, 0) for s in styles] for n in names}),
-            _svg_bars("PRM mean step score, all traces", [f"{i / 10:.1f}" for i in range(10)],
+            svg_bars("PRM mean step score, all traces", [f"{i / 10:.1f}" for i in range(10)],
                       {"traces": bins}, pct=False),
             "</body></html>"]
     return text, "\n".join(html)

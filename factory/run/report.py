@@ -58,3 +58,27 @@ def inspect(run_dir: Path) -> str:
     shards = "\n".join(f"  {s['file']}: {s['rows']} rows, difficulty {s['difficulty_min']}..{s['difficulty_max']}"
                        for s in manifest["curriculum"])
     return f"{summary(manifest)}\n\ncurriculum shards (easy -> hard):\n{shards}\n\n{histogram(run_dir)}"
+
+
+def svg_bars(title: str, labels: list[str], series: dict[str, list[float]], pct: bool = True) -> str:
+    """A grouped bar chart as inline SVG (no plotting library needed)."""
+    colors = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2"]
+    w, h, pad = 640, 240, 30
+    n, k = len(labels), len(series)
+    top = max([v for vs in series.values() for v in vs] + [1e-9])
+    bw = (w - 2 * pad) / max(1, n) / (k + 1)
+    parts = [f'<svg width="{w}" height="{h + 40}" xmlns="http://www.w3.org/2000/svg" font-size="11">',
+             f'<text x="{pad}" y="14" font-weight="bold">{title}</text>']
+    for i, lab in enumerate(labels):
+        x0 = pad + i * (k + 1) * bw
+        parts.append(f'<text x="{x0 + k * bw / 2}" y="{h + 15}" text-anchor="middle">{lab}</text>')
+        for j, (name, vals) in enumerate(series.items()):
+            v = vals[i] if i < len(vals) else 0
+            bh = (h - 40) * v / top
+            shown = f"{100 * v:.1f}%" if pct else f"{v}"
+            parts.append(f'<rect x="{x0 + j * bw}" y="{h - bh}" width="{bw - 1}" height="{bh}" fill="{colors[j % 5]}">'
+                         f'<title>{name}: {shown}</title></rect>')
+    for j, name in enumerate(series):
+        parts.append(f'<rect x="{pad + j * 130}" y="{h + 24}" width="10" height="10" fill="{colors[j % 5]}"/>'
+                     f'<text x="{pad + j * 130 + 14}" y="{h + 33}">{name}</text>')
+    return "\n".join(parts + ["</svg>"])

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from factory import config as config_mod, console, store
 from factory.engines import Engine, make_engine
 from factory.run import pipeline
+from factory.run.report import svg_bars
 from factory.training import evaluate, grpo as grpo_mod, train as train_mod
 
 STEPS = ("sft", "dpo", "grpo")
@@ -169,14 +170,12 @@ def table(rows: list[dict]) -> str:
 
 
 def html(rows: list[dict]) -> str:
-    from factory.demo import _svg_bars
-
     labels = [f"round {row['round']}" for row in rows]
     names = [n for n in STEPS if any(n in row["students"] for row in rows)]
     series = {"teacher (traces)": [row["teacher_pass_rate"] or 0.0 for row in rows]}
     series |= {f"student {n}": [row["students"].get(n, {}).get("pass@1") or 0.0 for row in rows] for n in names}
     return ("<html><body><h2>Rounds: the student becomes the teacher</h2>"
-            + _svg_bars("teacher pass rate on the round's problems; student pass@1 on held-out problems", labels, series)
+            + svg_bars("teacher pass rate on the round's problems; student pass@1 on held-out problems", labels, series)
             + "<pre>" + table(rows) + "</pre></body></html>")
 
 
