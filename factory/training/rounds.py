@@ -109,19 +109,16 @@ class Engines:
         self.owned = engine is None
         self.original = getattr(engine, "model_name", None)
 
-    @staticmethod
-    def shape(model: str) -> dict:
-        cfg = json.loads((Path(model) / "config.json").read_text()) if (Path(model) / "config.json").exists() else {}
-        return {k: cfg.get(k) for k in ("architectures", "hidden_size", "num_hidden_layers", "vocab_size",
-                                         "num_attention_heads", "num_key_value_heads", "intermediate_size")}
-
     def get(self, config, model: str, run_dir: Path) -> Engine:
         e = self.engine
         if e is not None and getattr(e, "model_name", None) == model:
             return e
-        if e is not None and hasattr(e, "load_weights") and self.shape(e.model_name) == self.shape(model):
-            e.load_weights(model)
-            return e
+        if e is not None and hasattr(e, "load_weights"):
+            try:  # the engine checks architecture and tokenizer before it touches anything
+                e.load_weights(model)
+                return e
+            except ValueError:
+                pass
         if e is not None and self.owned:
             e.close()
         elif e is not None:
