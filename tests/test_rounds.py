@@ -66,3 +66,17 @@ def test_two_rounds_resume_between_rounds_and_write_the_table(tmp_path, engine, 
     assert text.splitlines()[0].startswith("round") and len(text.splitlines()) == 4
     assert "<svg" in (out / "rounds.html").read_text()
     assert engine.model_name == model_before
+
+
+def test_round_report_draws_each_grpo_reward_curve():
+    history = [{"step": s, "accuracy": a, "format": 1.0, "zero_advantage_groups": z}
+               for s, a, z in [(5, 0.40, 0.3), (10, 0.55, 0.2), (15, 0.61, 0.2)]]
+    row = {"round": 1, "teacher": "t", "problems": 3, "teacher_pass_rate": 0.5, "curriculum_rows": 2, "pairs": 0,
+           "students": {"sft": {"pass@1": 0.3, "by_group": {}}, "grpo": {"pass@1": 0.4, "by_group": {}}},
+           "reward_history": {"grpo": history}}
+    page = rounds.html([row])
+    assert page.count("<svg") == 2 and "round 1, grpo: reward per logged step" in page
+    # the accuracy line climbs: its last point is drawn higher (a smaller y) than its first
+    line = page.split('<polyline points="')[1].split('"')[0].split()
+    assert float(line[-1].split(",")[1]) < float(line[0].split(",")[1])
+    assert rounds.html([{**row, "reward_history": {}}]).count("<svg") == 1

@@ -82,3 +82,28 @@ def svg_bars(title: str, labels: list[str], series: dict[str, list[float]], pct:
         parts.append(f'<rect x="{pad + j * 130}" y="{h + 24}" width="10" height="10" fill="{colors[j % 5]}"/>'
                      f'<text x="{pad + j * 130 + 14}" y="{h + 33}">{name}</text>')
     return "\n".join(parts + ["</svg>"])
+
+
+def svg_lines(title: str, xs: list[float], series: dict[str, list[float]], xlabel: str = "step") -> str:
+    """A line chart as inline SVG (a training curve: y from 0 to the largest value)."""
+    colors = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2"]
+    w, h, pad = 640, 240, 40
+    top = max([v for vs in series.values() for v in vs] + [1e-9])
+    x_lo, x_hi = (min(xs), max(xs)) if xs else (0, 1)
+    def x(v):
+        return pad + (w - 2 * pad) * (v - x_lo) / ((x_hi - x_lo) or 1)
+    def y(v):
+        return h - (h - 40) * v / top
+    parts = [f'<svg width="{w}" height="{h + 40}" xmlns="http://www.w3.org/2000/svg" font-size="11">',
+             f'<text x="{pad}" y="14" font-weight="bold">{title}</text>',
+             f'<line x1="{pad}" y1="{h}" x2="{w - pad}" y2="{h}" stroke="#999"/>',
+             f'<text x="{pad}" y="{h + 15}">{x_lo:g}</text>',
+             f'<text x="{w - pad}" y="{h + 15}" text-anchor="end">{xlabel} {x_hi:g}</text>',
+             f'<text x="4" y="{y(top) + 4}">{top:.2f}</text>']
+    for j, (name, vals) in enumerate(series.items()):
+        points = " ".join(f"{x(a):.1f},{y(b):.1f}" for a, b in zip(xs, vals))
+        parts.append(f'<polyline points="{points}" fill="none" stroke="{colors[j % 5]}" stroke-width="2">'
+                     f'<title>{name}</title></polyline>')
+        parts.append(f'<rect x="{pad + j * 150}" y="{h + 24}" width="10" height="10" fill="{colors[j % 5]}"/>'
+                     f'<text x="{pad + j * 150 + 14}" y="{h + 33}">{name}</text>')
+    return "\n".join(parts + ["</svg>"])

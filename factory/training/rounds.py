@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from factory import config as config_mod, console, store
 from factory.engines import Engine, make_engine
 from factory.run import pipeline
-from factory.run.report import svg_bars
+from factory.run.report import svg_bars, svg_lines
 from factory.training import evaluate, grpo as grpo_mod, train as train_mod
 
 STEPS = ("sft", "dpo", "grpo")
@@ -182,9 +182,15 @@ def html(rows: list[dict]) -> str:
     names = list(dict.fromkeys(n for row in rows for n in row["students"]))
     series = {"teacher (traces)": [row["teacher_pass_rate"] or 0.0 for row in rows]}
     series |= {f"student {n}": [row["students"].get(n, {}).get("pass@1") or 0.0 for row in rows] for n in names}
+    curves = ""
+    for row in rows:
+        for name, history in row.get("reward_history", {}).items():
+            steps = [h["step"] for h in history]
+            curves += svg_lines(f"round {row['round']}, {name}: reward per logged step", steps,
+                                {k: [h.get(k) or 0.0 for h in history] for k in ("accuracy", "format", "zero_advantage_groups")})
     return ("<html><body><h2>Rounds: the student becomes the teacher</h2>"
             + svg_bars("teacher pass rate on the round's problems; student pass@1 on held-out problems", labels, series)
-            + "<pre>" + table(rows) + "</pre></body></html>")
+            + curves + "<pre>" + table(rows) + "</pre></body></html>")
 
 
 def run_loop(recipe: RoundsRecipe, engine: Engine | None = None, log: Callable[[str], None] = console.say) -> list[dict]:
@@ -238,6 +244,8 @@ def run_loop(recipe: RoundsRecipe, engine: Engine | None = None, log: Callable[[
                     continue
                 evals[name] = evaluate.evaluate(e, engine=engines.get(e.engine, model, Path(e.run.output_dir)), log=log)
             row = round_row(r, teacher, manifest, evals, manifest["stages"]["ingest"]["out"])
+            row["reward_history"] = {name: json.loads((Path(model) / "factory_train.json").read_text())["reward_history"]
+                                     for name, model in trained.items() if name.startswith("grpo")}
             teacher = current
             student = current if cfg.student_from == "previous" else cfg.student
             row.update(next_teacher=teacher, next_student=student, seconds=round(time.perf_counter() - t0, 1))
