@@ -73,3 +73,7 @@ def test_engine_processes_follow_the_device():
     assert use_engine_process(None, cuda=False) is False  # a CPU: engine core and worker in the driver
     assert use_engine_process(None, cuda=True) is True  # a GPU: vLLM's own processes
     assert use_engine_process(True, cuda=False) is True and use_engine_process(False, cuda=True) is False
+    # vLLM's parallel groups are process globals: a second engine beside a live one gets its own processes
+    assert use_engine_process(None, cuda=False, others_here=1) is True
+    with pytest.raises(ValueError, match="another vLLM engine already runs in this process"):
+        use_engine_process(False, cuda=False, others_here=1)

@@ -6,6 +6,7 @@ Starting an engine takes 25-80 s on a CPU: build it once and pass it on.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from typing import Any, Iterable, Iterator
@@ -29,17 +30,52 @@ def _refresh_tied_lm_head(worker) -> None:
     head.quant_method.process_weights_after_loading(head)
 
 
-def use_engine_process(requested: bool | None, cuda: bool) -> bool:
+_IN_THIS_PROCESS = 0
+"""vLLM engines alive whose worker runs in this process. vLLM keeps its model-parallel groups in
+module globals: a second engine here would take them over, and closing it would tear them down
+under the first. So only the first gets this process; any other gets processes of its own."""
+
+
+def use_engine_process(requested: bool | None, cuda: bool, others_here: int = 0) -> bool:
     """Whether vLLM's engine core and worker get processes of their own (EngineConfig.engine_process)."""
-    return cuda if requested is None else requested
+    if requested is None:
+        return cuda or others_here > 0
+    if not requested and others_here:
+        raise ValueError("engine_process: false, but another vLLM engine already runs in this process; "
+                         "close it first or leave engine_process unset")
+    return requested
 
 
 def set_engine_process(requested: bool | None, cuda: bool) -> bool:
     """Tell vLLM, before it starts an engine, whether to spawn its engine core and worker
-    (VLLM_ENABLE_V1_MULTIPROCESSING; on a CPU, 0 also keeps the worker in this process)."""
-    own = use_engine_process(requested, cuda)
+    (VLLM_ENABLE_V1_MULTIPROCESSING; on a CPU, 0 also keeps the worker in this process). vLLM
+    caches its environment once an engine core has started here: the cache is dropped first."""
+    global _IN_THIS_PROCESS
+    import vllm.envs
+
+    own = use_engine_process(requested, cuda, _IN_THIS_PROCESS)
+    vllm.envs.disable_envs_cache()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if own else "0"
+    if not own:
+        _IN_THIS_PROCESS += 1
     return own
+
+
+def release_engine_process(own: bool | None) -> None:
+    """An engine started by set_engine_process has shut down."""
+    global _IN_THIS_PROCESS
+    if own is False:
+        _IN_THIS_PROCESS = max(0, _IN_THIS_PROCESS - 1)
+
+
+@contextlib.contextmanager
+def started_or_released(own: bool):
+    """Around an engine's start: a start that fails gives its claim on this process back."""
+    try:
+        yield
+    except BaseException:
+        release_engine_process(own)
+        raise
 
 
 def shutdown(llm) -> None:
@@ -94,12 +130,13 @@ class VLLMEngine:
         self.model_name = config.model
         self.dtype, self.dtype_reason = resolve_dtype(config.dtype, torch.cuda.is_available())
         self.engine_process = set_engine_process(config.engine_process, torch.cuda.is_available())
-        self.llm = LLM(
-            model=config.model, dtype=self.dtype, max_model_len=config.max_model_len,
-            gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed,
-            tensor_parallel_size=config.tensor_parallel_size, enforce_eager=config.enforce_eager,
-            **extra,
-        )
+        with started_or_released(self.engine_process):
+            self.llm = LLM(
+                model=config.model, dtype=self.dtype, max_model_len=config.max_model_len,
+                gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed,
+                tensor_parallel_size=config.tensor_parallel_size, enforce_eager=config.enforce_eager,
+                **extra,
+            )
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         # a window of 4x the scheduler's batch keeps it full while finished requests are collected
@@ -196,8 +233,11 @@ class VLLMEngine:
     def close(self) -> None:
         """Shut down the engine's processes (a script that ends does this anyway) and let go of
         its model and KV cache, which live in this process when the worker does."""
+        if self.llm is None:
+            return
         shutdown(self.llm)
         self.llm = None
+        release_engine_process(self.engine_process)
         import gc
 
         gc.collect()
@@ -213,8 +253,6 @@ class VLLMTokenClassifier:
                  gpu_memory_utilization: float = 0.3, extra: dict | None = None, engine_process: bool | None = None):
         import torch
 
-        set_engine_process(engine_process, torch.cuda.is_available())
-
         if cpu_kv_cache_space_gb is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kv_cache_space_gb)
         from vllm import LLM
@@ -222,8 +260,10 @@ class VLLMTokenClassifier:
         extra = dict(extra or {})
         if not torch.cuda.is_available():
             extra.setdefault("enable_chunked_prefill", False)
-        self.llm = LLM(model=model, runner="pooling", max_model_len=max_model_len,
-                       gpu_memory_utilization=gpu_memory_utilization, **extra)
+        self.engine_process = set_engine_process(engine_process, torch.cuda.is_available())
+        with started_or_released(self.engine_process):
+            self.llm = LLM(model=model, runner="pooling", max_model_len=max_model_len,
+                           gpu_memory_utilization=gpu_memory_utilization, **extra)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     def token_probs(self, token_ids: list[list[int]]):
@@ -233,4 +273,8 @@ class VLLMTokenClassifier:
         return [o.outputs.data.float().cpu() for o in outs]
 
     def close(self) -> None:
+        if self.llm is None:
+            return
         shutdown(self.llm)
+        self.llm = None
+        release_engine_process(self.engine_process)
