@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-\nimport pytest
+
+import pytest
 
 from factory import schema, tiny
 from factory.stages.rollout import R1_ZERO_TEMPLATE, RolloutConfig, render_prompt, rollout_table
