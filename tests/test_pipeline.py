@@ -19,6 +19,7 @@ from factory.run import pipeline
 from conftest import load, toy_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV_BEFORE = dict(os.environ)  # collected before any engine starts
 
 
 def test_outputs_and_curriculum_order(full_run):
@@ -57,6 +58,8 @@ def test_pairs_and_rejected_account_for_every_trace(full_run):
     assert manifest["engine"]["dtype"] == "float32"  # conftest pins it; the reason travels with it
     assert manifest["engine"]["dtype_reason"] == "set by the recipe"
     assert manifest["engine"]["engine_process"] is False  # a CPU: vLLM's worker runs in the driver
+    # ... and the switch that told vLLM so is not left for processes started later to inherit
+    assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == ENV_BEFORE.get("VLLM_ENABLE_V1_MULTIPROCESSING")
 
 
 def test_rows_are_usable_by_trl(full_run, teacher_dir):

@@ -46,36 +46,40 @@ def use_engine_process(requested: bool | None, cuda: bool, others_here: int = 0)
     return requested
 
 
-def set_engine_process(requested: bool | None, cuda: bool) -> bool:
-    """Tell vLLM, before it starts an engine, whether to spawn its engine core and worker
-    (VLLM_ENABLE_V1_MULTIPROCESSING; on a CPU, 0 also keeps the worker in this process). vLLM
-    caches its environment once an engine core has started here: the cache is dropped first."""
-    global _IN_THIS_PROCESS
-    import vllm.envs
-
-    own = use_engine_process(requested, cuda, _IN_THIS_PROCESS)
-    vllm.envs.disable_envs_cache()
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if own else "0"
-    if not own:
-        _IN_THIS_PROCESS += 1
-    return own
-
-
 def release_engine_process(own: bool | None) -> None:
-    """An engine started by set_engine_process has shut down."""
+    """An engine started under engine_start has shut down."""
     global _IN_THIS_PROCESS
     if own is False:
         _IN_THIS_PROCESS = max(0, _IN_THIS_PROCESS - 1)
 
 
 @contextlib.contextmanager
-def started_or_released(own: bool):
-    """Around an engine's start: a start that fails gives its claim on this process back."""
+def engine_start(requested: bool | None, cuda: bool):
+    """Around an engine's construction: tell vLLM whether to spawn its engine core and worker
+    (VLLM_ENABLE_V1_MULTIPROCESSING; on a CPU, 0 also keeps the worker in this process) and
+    yield that choice. vLLM caches its environment once an engine core starts here, so the cache
+    is dropped first; the variable is put back afterwards, so that processes started later
+    (a `vllm serve`, a Ray worker) do not inherit it. A start that fails gives its claim back."""
+    global _IN_THIS_PROCESS
+    import vllm.envs
+
+    key = "VLLM_ENABLE_V1_MULTIPROCESSING"
+    own = use_engine_process(requested, cuda, _IN_THIS_PROCESS)
+    before = os.environ.get(key)
+    vllm.envs.disable_envs_cache()
+    os.environ[key] = "1" if own else "0"
+    if not own:
+        _IN_THIS_PROCESS += 1
     try:
-        yield
+        yield own
     except BaseException:
         release_engine_process(own)
         raise
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def shutdown(llm) -> None:
@@ -129,8 +133,7 @@ class VLLMEngine:
         self.can_continue = True  # a cut trace can be continued from its text (the thinking budget)
         self.model_name = config.model
         self.dtype, self.dtype_reason = resolve_dtype(config.dtype, torch.cuda.is_available())
-        self.engine_process = set_engine_process(config.engine_process, torch.cuda.is_available())
-        with started_or_released(self.engine_process):
+        with engine_start(config.engine_process, torch.cuda.is_available()) as self.engine_process:
             self.llm = LLM(
                 model=config.model, dtype=self.dtype, max_model_len=config.max_model_len,
                 gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed,
@@ -260,8 +263,7 @@ class VLLMTokenClassifier:
         extra = dict(extra or {})
         if not torch.cuda.is_available():
             extra.setdefault("enable_chunked_prefill", False)
-        self.engine_process = set_engine_process(engine_process, torch.cuda.is_available())
-        with started_or_released(self.engine_process):
+        with engine_start(engine_process, torch.cuda.is_available()) as self.engine_process:
             self.llm = LLM(model=model, runner="pooling", max_model_len=max_model_len,
                            gpu_memory_utilization=gpu_memory_utilization, **extra)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
