@@ -90,6 +90,20 @@ def shutdown(llm) -> None:
         stop()
 
 
+def close_llm(holder) -> None:
+    """Close what an engine class built under engine_start (its `llm`, its `engine_process`): stop
+    vLLM's processes, let go of the model and KV cache (which live in this process when the worker
+    does) and give back its claim on this process. A second close does nothing."""
+    if holder.llm is None:
+        return
+    shutdown(holder.llm)
+    holder.llm = None
+    release_engine_process(holder.engine_process)
+    import gc
+
+    gc.collect()
+
+
 def same_tokenizer(a, b) -> bool:
     """Two model directories whose tokenizers, as transformers (and so vLLM) load them, tokenize
     alike: the same vocabulary, merges, normalizer, pre-tokenizer and added tokens. Compared
@@ -234,16 +248,8 @@ class VLLMEngine:
         self.model_name = str(model_dir)
 
     def close(self) -> None:
-        """Shut down the engine's processes (a script that ends does this anyway) and let go of
-        its model and KV cache, which live in this process when the worker does."""
-        if self.llm is None:
-            return
-        shutdown(self.llm)
-        self.llm = None
-        release_engine_process(self.engine_process)
-        import gc
-
-        gc.collect()
+        """Shut down the engine's processes (a script that ends does this anyway)."""
+        close_llm(self)
 
 
 class VLLMTokenClassifier:
@@ -275,8 +281,4 @@ class VLLMTokenClassifier:
         return [o.outputs.data.float().cpu() for o in outs]
 
     def close(self) -> None:
-        if self.llm is None:
-            return
-        shutdown(self.llm)
-        self.llm = None
-        release_engine_process(self.engine_process)
+        close_llm(self)

@@ -60,9 +60,18 @@ def inspect(run_dir: Path) -> str:
     return f"{summary(manifest)}\n\ncurriculum shards (easy -> hard):\n{shards}\n\n{histogram(run_dir)}"
 
 
+COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2"]
+
+
+def legend(names: list[str], h: int, pad: int, spacing: int) -> list[str]:
+    """A chart's legend under its plot area: a colour box and the series name, left to right."""
+    return [f'<rect x="{pad + j * spacing}" y="{h + 24}" width="10" height="10" fill="{COLORS[j % 5]}"/>'
+            f'<text x="{pad + j * spacing + 14}" y="{h + 33}">{name}</text>' for j, name in enumerate(names)]
+
+
 def svg_bars(title: str, labels: list[str], series: dict[str, list[float]], pct: bool = True) -> str:
     """A grouped bar chart as inline SVG (no plotting library needed)."""
-    colors = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2"]
+    colors = COLORS
     w, h, pad = 640, 240, 30
     n, k = len(labels), len(series)
     top = max([v for vs in series.values() for v in vs] + [1e-9])
@@ -78,15 +87,12 @@ def svg_bars(title: str, labels: list[str], series: dict[str, list[float]], pct:
             shown = f"{100 * v:.1f}%" if pct else f"{v}"
             parts.append(f'<rect x="{x0 + j * bw}" y="{h - bh}" width="{bw - 1}" height="{bh}" fill="{colors[j % 5]}">'
                          f'<title>{name}: {shown}</title></rect>')
-    for j, name in enumerate(series):
-        parts.append(f'<rect x="{pad + j * 130}" y="{h + 24}" width="10" height="10" fill="{colors[j % 5]}"/>'
-                     f'<text x="{pad + j * 130 + 14}" y="{h + 33}">{name}</text>')
-    return "\n".join(parts + ["</svg>"])
+    return "\n".join(parts + legend(list(series), h, pad, 130) + ["</svg>"])
 
 
 def svg_lines(title: str, xs: list[float], series: dict[str, list[float]], xlabel: str = "step") -> str:
     """A line chart as inline SVG (a training curve: y from 0 to the largest value)."""
-    colors = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2"]
+    colors = COLORS
     w, h, pad = 640, 240, 40
     top = max([v for vs in series.values() for v in vs] + [1e-9])
     x_lo, x_hi = (min(xs), max(xs)) if xs else (0, 1)
@@ -104,6 +110,4 @@ def svg_lines(title: str, xs: list[float], series: dict[str, list[float]], xlabe
         points = " ".join(f"{x(a):.1f},{y(b):.1f}" for a, b in zip(xs, vals))
         parts.append(f'<polyline points="{points}" fill="none" stroke="{colors[j % 5]}" stroke-width="2">'
                      f'<title>{name}</title></polyline>')
-        parts.append(f'<rect x="{pad + j * 150}" y="{h + 24}" width="10" height="10" fill="{colors[j % 5]}"/>'
-                     f'<text x="{pad + j * 150 + 14}" y="{h + 33}">{name}</text>')
-    return "\n".join(parts + ["</svg>"])
+    return "\n".join(parts + legend(list(series), h, pad, 150) + ["</svg>"])
