@@ -107,3 +107,39 @@ def test_gpu_grpo_recipe_dry_run(full_run):
 
     sft = train.load_recipe("sft", ROOT / "recipes" / "sft_qwen2.5-math-1.5b.yaml")
     assert recipe.model.path == sft.train.output_dir  # GRPO starts from the SFT student
+
+
+def test_grpo_train_only_moves_only_the_named_parameters(full_run, teacher_dir, tmp_path):
+    run_dir, _ = full_run
+    out = tmp_path / "grpo-norm"
+    recipe = grpo.load_recipe(None, [
+        f"model.path={teacher_dir}", f"data.run_dir={run_dir}", f"train.output_dir={out}",
+        "train.learning_rate=1e-2", "train.per_device_train_batch_size=8", "train.logging_steps=1",
+        "train.save_steps=100000", "train.extra={max_steps: 2}", "grpo.num_generations=4",
+        "grpo.max_completion_length=48", "grade.workers=1", r"model.train_only=['^model\.norm\.weight$']"])
+    report = grpo.train(recipe, log=lambda m: None)
+    from transformers import AutoModelForCausalLM
+
+    before = dict(AutoModelForCausalLM.from_pretrained(teacher_dir).named_parameters())
+    after = dict(AutoModelForCausalLM.from_pretrained(out).named_parameters())
+    changed = sorted(n for n in before if not torch.equal(before[n], after[n]))
+    assert changed == ["model.norm.weight"]
+    t = report["trainable"]
+    assert t["parameters"] == changed and t["trainable"] == before["model.norm.weight"].numel() < t["total"]
+
+
+def test_train_only_errors_name_the_field(teacher_dir):
+    from transformers import AutoModelForCausalLM
+
+    from factory.training.train import ModelConfig, LoraConfig, restrict_training
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    with pytest.raises(ValueError, match=r"model.train_only=\['nothing_like_this'\] matches no parameter"):
+        restrict_training(model, ModelConfig(path=teacher_dir, train_only=["nothing_like_this"]))
+    with pytest.raises(ValueError, match="model.train_only: '\\(' is not a regular expression"):
+        restrict_training(model, ModelConfig(path=teacher_dir, train_only=["("]))
+    with pytest.raises(ValueError, match="exclude each other"):
+        restrict_training(model, ModelConfig(path=teacher_dir, train_only=["norm"], lora=LoraConfig(enabled=True)))
+    assert all(p.requires_grad for p in model.parameters())  # a rejected list froze nothing
+    every = restrict_training(model, ModelConfig(path=teacher_dir))
+    assert every["trainable"] == every["total"] == sum(p.numel() for p in model.parameters())

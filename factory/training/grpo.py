@@ -40,8 +40,8 @@ from factory import answers, config as config_mod, console, store, verify
 from factory.stages.grade import GradeConfig, GradeJob, grade_many, make_pool
 from factory.stages.rollout import R1_ZERO_TEMPLATE, RolloutConfig, prompt_messages
 from factory.training.curriculum import OrderConfig, training_order
-from factory.training.train import ConsoleProgress, ModelConfig, TrainConfig, last_checkpoint, load_model, \
-    load_tokenizer, peft_config
+from factory.training.train import ConsoleProgress, ModelConfig, TrainConfig, check_train_only, last_checkpoint, \
+    load_model, load_tokenizer, peft_config, restrict_training
 
 
 @dataclass
@@ -255,6 +255,7 @@ def trl_args(recipe: GRPORecipe):
 def plan(recipe: GRPORecipe, log: Callable[[str], None] = console.say) -> Plan:
     """Read the run, choose the prompts and their order, build TRL's arguments (no weights)."""
     d = recipe.data
+    check_train_only(recipe.model)
     problems, consumed = read_problems(d.run_dir)
     selected, left_out = select_problems(problems, d)
     if selected.num_rows == 0:
@@ -313,7 +314,9 @@ def train(recipe: GRPORecipe, dry_run: bool = False, log: Callable[[str], None] 
     tokenizer.padding_side = "left"  # TRL generates from left-padded prompts
     with make_pool(recipe.grade) as pool:
         rewards = Rewards(recipe.grade, pool)
-        trainer = GRPOTrainer(model=load_model(recipe.model), reward_funcs=[rewards.accuracy, rewards.format],
+        model = load_model(recipe.model)
+        p.report["trainable"] = restrict_training(model, recipe.model)
+        trainer = GRPOTrainer(model=model, reward_funcs=[rewards.accuracy, rewards.format],
                               args=p.args, train_dataset=ds, processing_class=tokenizer,
                               peft_config=peft_config(recipe.model.lora))
         if console.log_path() is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,11 @@ class ModelConfig:
     """Model config fields to change on load, e.g. {rope_theta: 300000, max_position_embeddings: 32768}
     to stretch a 4k-context base (Qwen2.5-Math) over long reasoning traces."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    train_only: list[str] = field(default_factory=list)
+    """Train only the parameters whose names match one of these regular expressions (re.search);
+    the rest stay frozen. Empty: all. E.g. ['^model\\.norm\\.weight$'] lets GRPO move the final norm's
+    gains alone: on a tiny student, Adam's equal-sized steps on every weight turn a noisy policy
+    gradient into noise everywhere (NOTES.md). Not with lora."""
 
 
 @dataclass
@@ -295,6 +301,35 @@ def model_config(cfg: ModelConfig):
     return config
 
 
+def check_train_only(cfg: ModelConfig) -> None:
+    """Reject a train_only that cannot work before any weight is loaded."""
+    if cfg.train_only and cfg.lora.enabled:
+        raise ValueError("model.train_only and model.lora.enabled exclude each other: LoRA trains its adapters only")
+    for pat in cfg.train_only:
+        try:
+            re.compile(pat)
+        except re.error as e:
+            raise ValueError(f"model.train_only: {pat!r} is not a regular expression ({e})") from None
+
+
+def restrict_training(model, cfg: ModelConfig) -> dict:
+    """Freeze every parameter whose name matches none of `cfg.train_only` (no-op when it is empty);
+    returns the counts for the report. A pattern list that matches nothing is an error."""
+    params = list(model.named_parameters())
+    total = sum(p.numel() for _, p in params)
+    if not cfg.train_only:
+        return {"patterns": [], "trainable": total, "total": total}
+    check_train_only(cfg)
+    keep = [n for n, _ in params if any(re.search(pat, n) for pat in cfg.train_only)]
+    if not keep:
+        raise ValueError(f"model.train_only={cfg.train_only} matches no parameter of {cfg.path}; its names are like "
+                         + ", ".join(n for n, _ in params[:4]))
+    for n, p in params:
+        p.requires_grad_(n in keep)
+    return {"patterns": list(cfg.train_only), "trainable": sum(p.numel() for n, p in params if n in keep),
+            "total": total, "parameters": keep}
+
+
 def load_model(cfg: ModelConfig):
     from transformers import AutoModelForCausalLM
 
@@ -368,6 +403,7 @@ class Plan:
 
 def plan(kind: str, recipe: SFTRecipe | DPORecipe, log: Callable[[str], None] = console.say) -> Plan:
     """Read the shards, measure lengths, fix the order and build TRL's arguments."""
+    check_train_only(recipe.model)
     data, consumed = read_run(recipe.data.run_dir, kind)
     tokenizer = load_tokenizer(recipe.model)
     lengths = sequence_lengths(tokenizer, conversations(data, kind), kind)
@@ -399,6 +435,7 @@ def build_trainer(recipe: SFTRecipe | DPORecipe, p: Plan):
     kind, ids = p.kind, ID_COLUMNS[p.kind]
     ds = datasets.Dataset(p.kept.select(TEXT_COLUMNS[kind] + ids)).select(p.order)
     model = load_model(recipe.model)
+    p.report["trainable"] = restrict_training(model, recipe.model)
     lora = peft_config(recipe.model.lora)
     if kind == "sft":
         from trl import SFTTrainer
