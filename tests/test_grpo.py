@@ -71,14 +71,19 @@ def test_prompts_leave_out_all_solved_none_solved_and_unverifiable_problems():
     assert left_out["unverifiable"] == 1
 
 
-def test_grpo_trains_a_student_on_a_run(full_run, teacher_dir, tmp_path):
-    run_dir, _ = full_run
-    out = tmp_path / "grpo"
-    recipe = grpo.load_recipe(None, [
+def tiny_grpo(run_dir, teacher_dir, out, *overrides: str) -> grpo.GRPORecipe:
+    """Two steps of 2 prompts x 4 completions of the tiny teacher on a test run."""
+    return grpo.load_recipe(None, [
         f"model.path={teacher_dir}", f"data.run_dir={run_dir}", f"train.output_dir={out}",
         "train.learning_rate=1e-4", "train.per_device_train_batch_size=8", "train.logging_steps=1",
         "train.save_steps=100000", "train.extra={max_steps: 2}", "grpo.num_generations=4",
-        "grpo.max_completion_length=48", "grade.workers=1"])
+        "grpo.max_completion_length=48", "grade.workers=1", *overrides])
+
+
+def test_grpo_trains_a_student_on_a_run(full_run, teacher_dir, tmp_path):
+    run_dir, _ = full_run
+    out = tmp_path / "grpo"
+    recipe = tiny_grpo(run_dir, teacher_dir, out)
     report = grpo.train(recipe, log=lambda m: None)
     prompts = [json.loads(l) for l in (out / "prompts.jsonl").read_text().splitlines()]
     assert len(prompts) == 4 and report["prompts"]["per_step"] == 2 and report["prompts"]["steps"] == 2
@@ -112,11 +117,7 @@ def test_gpu_grpo_recipe_dry_run(full_run):
 def test_grpo_train_only_moves_only_the_named_parameters(full_run, teacher_dir, tmp_path):
     run_dir, _ = full_run
     out = tmp_path / "grpo-norm"
-    recipe = grpo.load_recipe(None, [
-        f"model.path={teacher_dir}", f"data.run_dir={run_dir}", f"train.output_dir={out}",
-        "train.learning_rate=1e-2", "train.per_device_train_batch_size=8", "train.logging_steps=1",
-        "train.save_steps=100000", "train.extra={max_steps: 2}", "grpo.num_generations=4",
-        "grpo.max_completion_length=48", "grade.workers=1", r"model.train_only=['^model\.norm\.weight$']"])
+    recipe = tiny_grpo(run_dir, teacher_dir, out, "train.learning_rate=1e-2", r"model.train_only=['^model\.norm\.weight$']")
     report = grpo.train(recipe, log=lambda m: None)
     from transformers import AutoModelForCausalLM
 
@@ -131,7 +132,8 @@ def test_grpo_train_only_moves_only_the_named_parameters(full_run, teacher_dir, 
 def test_train_only_errors_name_the_field(teacher_dir):
     from transformers import AutoModelForCausalLM
 
-    from factory.training.train import ModelConfig, LoraConfig, restrict_training
+    from factory.training.params import restrict_training
+    from factory.training.train import LoraConfig, ModelConfig
 
     model = AutoModelForCausalLM.from_pretrained(teacher_dir)
     with pytest.raises(ValueError, match=r"model.train_only=\['nothing_like_this'\] matches no parameter"):

@@ -71,7 +71,6 @@ def legend(names: list[str], h: int, pad: int, spacing: int) -> list[str]:
 
 def svg_bars(title: str, labels: list[str], series: dict[str, list[float]], pct: bool = True) -> str:
     """A grouped bar chart as inline SVG (no plotting library needed)."""
-    colors = COLORS
     w, h, pad = 640, 240, 30
     n, k = len(labels), len(series)
     top = max([v for vs in series.values() for v in vs] + [1e-9])
@@ -85,14 +84,13 @@ def svg_bars(title: str, labels: list[str], series: dict[str, list[float]], pct:
             v = vals[i] if i < len(vals) else 0
             bh = (h - 40) * v / top
             shown = f"{100 * v:.1f}%" if pct else f"{v}"
-            parts.append(f'<rect x="{x0 + j * bw}" y="{h - bh}" width="{bw - 1}" height="{bh}" fill="{colors[j % 5]}">'
+            parts.append(f'<rect x="{x0 + j * bw}" y="{h - bh}" width="{bw - 1}" height="{bh}" fill="{COLORS[j % 5]}">'
                          f'<title>{name}: {shown}</title></rect>')
     return "\n".join(parts + legend(list(series), h, pad, 130) + ["</svg>"])
 
 
 def svg_lines(title: str, xs: list[float], series: dict[str, list[float]], xlabel: str = "step") -> str:
     """A line chart as inline SVG (a training curve: y from 0 to the largest value)."""
-    colors = COLORS
     w, h, pad = 640, 240, 40
     top = max([v for vs in series.values() for v in vs] + [1e-9])
     x_lo, x_hi = (min(xs), max(xs)) if xs else (0, 1)
@@ -108,6 +106,6 @@ def svg_lines(title: str, xs: list[float], series: dict[str, list[float]], xlabe
              f'<text x="4" y="{y(top) + 4}">{top:.2f}</text>']
     for j, (name, vals) in enumerate(series.items()):
         points = " ".join(f"{x(a):.1f},{y(b):.1f}" for a, b in zip(xs, vals))
-        parts.append(f'<polyline points="{points}" fill="none" stroke="{colors[j % 5]}" stroke-width="2">'
+        parts.append(f'<polyline points="{points}" fill="none" stroke="{COLORS[j % 5]}" stroke-width="2">'
                      f'<title>{name}</title></polyline>')
     return "\n".join(parts + legend(list(series), h, pad, 150) + ["</svg>"])

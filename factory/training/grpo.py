@@ -40,8 +40,9 @@ from factory import answers, config as config_mod, console, store, verify
 from factory.stages.grade import GradeConfig, GradeJob, grade_many, make_pool
 from factory.stages.rollout import R1_ZERO_TEMPLATE, RolloutConfig, prompt_messages
 from factory.training.curriculum import OrderConfig, training_order
-from factory.training.train import ConsoleProgress, ModelConfig, TrainConfig, check_train_only, last_checkpoint, \
-    load_model, load_tokenizer, peft_config, restrict_training
+from factory.training.params import check_train_only, restrict_training
+from factory.training.train import ConsoleProgress, ModelConfig, TrainConfig, last_checkpoint, load_model, \
+    load_tokenizer, peft_config
 
 
 @dataclass

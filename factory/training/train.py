@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from transformers import TrainerCallback
 from factory import config as config_mod
 from factory import console, store
 from factory.training.curriculum import OrderConfig, training_order
+from factory.training.params import check_train_only, restrict_training
 
 
 @dataclass
@@ -299,35 +299,6 @@ def model_config(cfg: ModelConfig):
         else:
             raise ValueError(f"model.config_overrides.{k}: {type(config).__name__} has no field {k!r}")
     return config
-
-
-def check_train_only(cfg: ModelConfig) -> None:
-    """Reject a train_only that cannot work before any weight is loaded."""
-    if cfg.train_only and cfg.lora.enabled:
-        raise ValueError("model.train_only and model.lora.enabled exclude each other: LoRA trains its adapters only")
-    for pat in cfg.train_only:
-        try:
-            re.compile(pat)
-        except re.error as e:
-            raise ValueError(f"model.train_only: {pat!r} is not a regular expression ({e})") from None
-
-
-def restrict_training(model, cfg: ModelConfig) -> dict:
-    """Freeze every parameter whose name matches none of `cfg.train_only` (no-op when it is empty);
-    returns the counts for the report. A pattern list that matches nothing is an error."""
-    params = list(model.named_parameters())
-    total = sum(p.numel() for _, p in params)
-    if not cfg.train_only:
-        return {"patterns": [], "trainable": total, "total": total}
-    check_train_only(cfg)
-    keep = [n for n, _ in params if any(re.search(pat, n) for pat in cfg.train_only)]
-    if not keep:
-        raise ValueError(f"model.train_only={cfg.train_only} matches no parameter of {cfg.path}; its names are like "
-                         + ", ".join(n for n, _ in params[:4]))
-    for n, p in params:
-        p.requires_grad_(n in keep)
-    return {"patterns": list(cfg.train_only), "trainable": sum(p.numel() for n, p in params if n in keep),
-            "total": total, "parameters": keep}
 
 
 def load_model(cfg: ModelConfig):
