@@ -5,13 +5,14 @@
 # make toy-rewrite  the toy recipe with rewrite, dedup and decontam (runs/toy_rewrite)
 # make demo-models  rebuild data/demo (problems, teacher, student, PRM) from scratch (~40 min)
 # make test      the test suite (what CI runs)
+# make test-dtype-flip  the suite as the other kind of CPU would run it (native bf16 <-> emulated)
 # make bench     rollout throughput vs raw vllm.LLM.generate
 # make bench-dedup  dedup of 100k questions (exact + MinHash LSH)
 # make bench-fleet  factory run against a simulated 256-slot teacher server (utilization, driver CPU, RSS)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install install-gpu demo demo-r1 toy toy-rewrite demo-models test bench bench-dedup bench-fleet
+.PHONY: install install-gpu demo demo-r1 toy toy-rewrite demo-models test test-dtype-flip bench bench-dedup bench-fleet
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -49,6 +50,10 @@ demo-models: install
 
 test: install
 	$(PY) -m pytest -q
+
+# resolve_dtype reads FACTORY_CPU_BF16: on a CPU with native bf16 act as one without, and back
+test-dtype-flip: install
+	FACTORY_CPU_BF16=$$(grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo && echo emulated || echo native) $(PY) -m pytest -q
 
 bench: install
 	$(PY) benchmarks/rollout_throughput.py

@@ -54,6 +54,8 @@ def toy_recipe(out: Path, model: str, problems: Path, **sections) -> dict:
     data = yaml.safe_load((ROOT / "recipes" / "toy_addition.yaml").read_text())
     data["run"] = {"output_dir": str(out), "progress": False}
     data["engine"]["model"] = model
+    # as the session engine: a run compared with another engine's must not hinge on this CPU's bf16
+    data["engine"]["dtype"] = "float32"
     data["ingest"]["paths"] = [str(problems)]
     data["ingest"]["problems_per_shard"] = 10
     for section, values in sections.items():

@@ -69,6 +69,20 @@ def test_dtype_follows_the_cpu():
     assert resolve_dtype("auto", cuda=True, flags=avx2)[0] == "auto"
 
 
+def test_dtype_choice_can_be_forced_the_other_way(monkeypatch):
+    """FACTORY_CPU_BF16 lets one machine run the suite as either kind of CPU would."""
+    from factory.engines import resolve_dtype
+
+    monkeypatch.setenv("FACTORY_CPU_BF16", "emulated")
+    assert resolve_dtype("auto", cuda=False) == ("float32", resolve_dtype("auto", cuda=False, flags=set())[1])
+    monkeypatch.setenv("FACTORY_CPU_BF16", "native")
+    assert resolve_dtype("auto", cuda=False)[0] == "auto"
+    assert resolve_dtype("float32", cuda=False)[0] == "float32"  # a recipe's dtype is never overridden
+    monkeypatch.setenv("FACTORY_CPU_BF16", "yes")
+    with pytest.raises(ValueError, match="FACTORY_CPU_BF16"):
+        resolve_dtype("auto", cuda=False)
+
+
 def test_engine_processes_follow_the_device():
     from factory.engines.inprocess import use_engine_process
 

@@ -11,6 +11,7 @@ the only module that imports vllm) and `server.ServerEngine` (an OpenAI-compatib
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Iterator, Protocol
 
@@ -141,8 +142,26 @@ class EngineConfig:
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+CPU_BF16_ENV = "FACTORY_CPU_BF16"
+"""Tests only: `native` or `emulated` makes resolve_dtype act as on a CPU with / without native
+bf16, whatever this one has, so one machine runs the suite both ways (`make test-dtype-flip`)."""
+
+
 def cpu_flags() -> set[str]:
-    """This CPU's feature flags (/proc/cpuinfo; empty where it cannot be read)."""
+    """This CPU's feature flags (/proc/cpuinfo; empty where it cannot be read). FACTORY_CPU_BF16
+    adds (native) or removes (emulated) the native-bf16 flags."""
+    forced = os.environ.get(CPU_BF16_ENV, "")
+    if forced not in ("", "native", "emulated"):
+        raise ValueError(f"{CPU_BF16_ENV}={forced!r}; use native, emulated or leave it unset")
+    flags = _proc_flags()
+    if forced == "native":
+        return flags | {"avx512_bf16"}
+    if forced == "emulated":
+        return flags - set(NATIVE_BF16_FLAGS)
+    return flags
+
+
+def _proc_flags() -> set[str]:
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("flags"):
