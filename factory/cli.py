@@ -16,6 +16,10 @@
 By default a command shows its own lines and one live line per stage; what the libraries
 print (vLLM, transformers, datasets, math-verify, Ray) goes to <output dir>/logs/<command>.log.
 -v / --verbose shows all of it on the terminal instead.
+
+Exit status: 0 done; 2 a bad recipe or input (the message names the file, row and field);
+3 `factory run` finished, but requests failed for good after their retries (it says how many,
+why, and the command that sends them again; `run.allow_failures=true` exits 0).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 
 from factory import console
 from factory.config import ConfigError
-from factory.run.report import inspect, summary
+from factory.run.report import failures_line, inspect, summary
 from factory.stages.ingest import IngestError
 
 
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.cmd == "run":
-            from factory.run.pipeline import load_recipe, run
+            from factory.run.pipeline import EXIT_FAILED_REQUESTS, load_recipe, run
 
             recipe = load_recipe(args.recipe, args.overrides)
             with console.quiet(Path(recipe.run.output_dir) / "logs", "run", args.verbose) as logs:
@@ -80,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
                 manifest = run(recipe)
                 console.say("\n" + summary(manifest))
                 console.say(f"\nwrote {recipe.run.output_dir}/{{curriculum,pairs,rejected}}/, README.md and manifest.json")
+            if manifest["failed_requests"]["total"] and not recipe.run.allow_failures:
+                retry = " ".join(["factory run", args.recipe, *args.overrides])
+                print(f"factory: {failures_line(manifest, f'`{retry}`')}\n(exit status {EXIT_FAILED_REQUESTS}; "
+                      "run.allow_failures=true exits 0)", file=sys.stderr)
+                return EXIT_FAILED_REQUESTS
         elif args.cmd == "status":
             from factory.run.progress import status
 

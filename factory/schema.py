@@ -105,6 +105,7 @@ SCORE_COLUMNS = [
 # Per-problem statistics computed by curate and carried on its output rows.
 DIFFICULTY_COLUMNS = [
     ("num_traces", pa.int32()),
+    ("num_failed", pa.int32()),  # of the K samples asked for, how many failed for good (request_failed)
     ("num_correct", pa.int32()),
     ("pass_rate", pa.float64()),
     ("difficulty", pa.float64()),

@@ -97,14 +97,35 @@ class StageDir:
         return self.shard(i).with_suffix(".done").exists()
 
     def write_shard(self, i: int, out: pa.Table, rejected: pa.Table, stats: dict,
-                    extra: dict[str, pa.Table] | None = None, row_group_size: int | None = None) -> None:
+                    extra: dict[str, pa.Table] | None = None, row_group_size: int | None = None,
+                    source: str | None = None) -> None:
         """Write shard `i`, its rejected rows and any `extra` tables (`<name>-NNNNN.parquet`),
-        then the marker that says all are whole."""
+        then the marker that says all are whole. The marker gets a new `seal` (so a stage
+        reading this shard can tell it was rewritten) and `source`, the seal of the upstream
+        shard this one was made from."""
         write_parquet(rejected, self.rejected_shard(i))
         for name, t in (extra or {}).items():
             write_parquet(t, self.extra_shard(name, i), row_group_size)
         write_parquet(out, self.shard(i), row_group_size)
-        write_json(stats, self.shard(i).with_suffix(".done"))
+        write_json({**stats, "seal": os.urandom(8).hex(), "source": source}, self.shard(i).with_suffix(".done"))
+
+    def stats(self, i: int) -> dict | None:
+        """Shard `i`'s marker (its counts), None while it is not done."""
+        p = self.shard(i).with_suffix(".done")
+        return read_json(p) if p.exists() else None
+
+    def seal(self, i: int) -> str | None:
+        return (self.stats(i) or {}).get("seal")
+
+    def stale(self, i: int, upstream: "StageDir") -> bool:
+        """Shard `i` must be (re)made: not done, or made from another seal of upstream's shard `i`
+        (a rollout shard re-sealed after its failed requests were sent again)."""
+        mine = self.stats(i)
+        return mine is None or mine.get("source") != upstream.seal(i)
+
+    def unfinish(self) -> None:
+        """The stage is no longer complete (a shard is being redone)."""
+        (self.path / "_complete.json").unlink(missing_ok=True)
 
     def extra_shard(self, name: str, i: int) -> Path:
         return self.path / f"{name}-{i:05d}.parquet"

@@ -78,6 +78,9 @@ def run_command(cmd: str, r: PRMRecipe, engine=None, log=print) -> dict:
                   "test": sum(x["split"] == "test" for x in ok)}
         store.write_json(report, Path(r.label.output) / "label_report.json")
         log(f"prm label: {json.dumps(report)} -> {labels_path(r)}")
+        if report["status"].get("request_failed"):
+            log(f"prm label: {report['status']['request_failed']} traces not labelled: a continuation request failed "
+                "for good at the server; run the same command again to send only those")
         return report
     if cmd == "train":
         cfg = r.train if r.train.labels else PRMTrainConfig(**{**r.train.__dict__, "labels": labels_path(r)})

@@ -13,7 +13,10 @@ from there, with another step or by closing the reasoning. With
 `propagate_errors` (the default) sampling stops at a trace's first hard-0 step and the later
 steps are labelled 0 (marked `propagated`): a chain that has already gone wrong is wrong.
 Traces that can't be labelled (no reasoning, over the split limits, a prefix longer than the
-engine's context) keep a row with their `status` and no labels.
+engine's context, a continuation request that failed for good at a server: `request_failed`)
+keep a row with their `status` and no labels; a failed continuation is never graded as a wrong
+one. Running `factory prm label` again sends only what failed (the server's journal answers
+the rest).
 
     factory prm label recipes/toy_addition_prm.yaml
 """
@@ -90,10 +93,11 @@ def prefix_prompt(prompt: str, steps: list[str]) -> str:
 def sample_prefixes(fits: dict[tuple, list[dict]], k: int, cfg: LabelConfig, grade: GradeConfig, engine: Engine,
                     pool) -> dict[tuple, tuple[int, int]]:
     """(continuations that reached the answer, continuations sampled) for each (prefix prompt,
-    reference answer) key of `fits`.
+    reference answer) key of `fits`; None for a key whose continuation request failed for good.
     Rounds of N continuations; a prefix gets another round while it has none right and
     `max_completions` allows (its seeds differ by round)."""
     counts = {p: (0, 0) for p in fits}
+    failed = set()  # prefixes a continuation request of which failed for good: not labelled
     budget = max(cfg.num_completions, cfg.max_completions or 0)
     todo, rnd = list(fits), 0
     while todo:
@@ -108,6 +112,10 @@ def sample_prefixes(fits: dict[tuple, list[dict]], k: int, cfg: LabelConfig, gra
         for p, completions in zip(todo, outs):
             it = fits[p][0]
             r, head = it["row"], answers.THINK_OPEN + "\n" + "\n\n".join(it["steps"][: k + 1])
+            if any(c.error is not None for c in completions):  # never graded as a wrong continuation
+                failed.add(p)
+                got[p] = 0
+                continue
             for c in completions:
                 jobs.append(GradeJob(head + c.text, r["answer"], r["domain"], r["choices"], grade))
                 owners.append(p)
@@ -117,6 +125,8 @@ def sample_prefixes(fits: dict[tuple, list[dict]], k: int, cfg: LabelConfig, gra
             counts[p] = (counts[p][0] + ok, counts[p][1])
         todo = [p for p in todo if counts[p][0] == 0 and got[p] and counts[p][1] < budget]
         rnd += 1
+    for p in failed:
+        counts[p] = None
     return counts
 
 
@@ -147,6 +157,10 @@ def label_traces(graded: pa.Table, cfg: LabelConfig, split_cfg: SplitConfig, rol
                     fits.setdefault((p, it["row"]["answer"]), []).append(it)
             counts = sample_prefixes(fits, k, cfg, grade, engine, pool)
             for p, group in fits.items():
+                if counts[p] is None:  # a server request failed for good: a re-run sends it again
+                    for it in group:   # (the server's journal answers the ones that succeeded)
+                        it["status"] = "request_failed"
+                    continue
                 c, n = counts[p]
                 for it in group:
                     it["soft"].append(c / n if n else 0.0)

@@ -3,7 +3,12 @@
 `ServerEngine` has the methods of `factory.engines.Engine`, so rollout and rewrite use it
 unchanged (`engine.backend: server` in a recipe). It sends requests on one aiohttp session
 (`HTTP` below: openai's retry policy for 408 / 409 / 429 / 5xx and dropped connections, with
-exponential backoff, `max_retries`, and a timeout of `timeout_s` per try).
+exponential backoff, `max_retries`, and a timeout of `timeout_s` per try). A 200 counts only
+when it is a whole answer: a body that is not JSON (cut short, an HTML error page), without
+its choices, with fewer than were asked for, a choice without text, or without the `usage` a
+per-sample request takes its token count from, is retried the same way. Retries and final
+failures are counted per cause (`ServerEngine.retries`, `.failures`; a failed sample's
+`error` starts with its cause), for the manifest and the progress file.
 
 `stream` keeps `max_concurrency` sequences in flight for as long as the caller has requests:
 each sample is its own request (seeded seed+i, as vLLM seeds sample i of an n-request), so a
@@ -39,13 +44,15 @@ import json
 import os
 import random
 import re
+from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from factory.engines.base import Completion, Request, Sampling, ServerConfig
 
 
 _END = object()
+T = TypeVar("T")
 
 
 class PromptIds(list):
@@ -132,6 +139,9 @@ class ServerEngine:
             raise ValueError("engine.server.api=completions renders prompts here: set engine.server.tokenizer "
                              "to a local tokenizer directory (or use api: chat)")
         self.sent = 0  # requests sent by this process (tests and logs)
+        # per cause: tries retried, and samples whose request failed for good (manifest, progress)
+        self.retries: Counter = Counter()
+        self.failures: Counter = Counter()
 
     # -- Engine --------------------------------------------------------------------------
 
@@ -250,10 +260,11 @@ class ServerEngine:
 
     async def _client(self, window: int) -> "HTTP":
         return HTTP(self.cfg.base_url, os.environ.get(self.cfg.api_key_env) or "EMPTY", window + 16,
-                    self.cfg.timeout_s, self.cfg.max_retries)
+                    self.cfg.timeout_s, self.cfg.max_retries, self.retries)
 
     async def _send(self, client: "HTTP", rid: int, indices: list[int], text: str, s: Sampling, n: int, seed: int | None):
-        """One HTTP request for samples `indices`; never raises (a failure becomes error completions)."""
+        """One HTTP request for samples `indices`; never raises (a failure becomes error completions,
+        their `error` starting with the cause, e.g. "http_500: ...")."""
         self.sent += 1
         budget = s.max_tokens
         for _ in range(2):
@@ -265,12 +276,13 @@ class ServerEngine:
             except RequestError as e:
                 fit = fitting_budget(str(e), budget) if e.status == 400 else None
                 if fit is None:
-                    error = str(e)
+                    error = f"{e.cause}: {e}"
                     break
                 budget = fit  # the server's context is shorter than prompt + max_tokens: ask for what fits
-            except Exception as e:  # noqa: BLE001 - a malformed answer: recorded, never raised
-                error = f"{type(e).__name__}: {e}"
+            except Exception as e:  # noqa: BLE001 - a bug here must not end the run: recorded, never raised
+                error = f"client_error: {type(e).__name__}: {e}"
                 break
+        self.failures[error.split(":", 1)[0]] += len(indices)
         return rid, indices, [Completion("", 0, "error", error=error[:500]) for _ in indices]
 
     async def _request(self, client, text: str, s: Sampling, n: int, seed: int | None, max_tokens: int) -> list[Completion]:
@@ -278,23 +290,40 @@ class ServerEngine:
                 "max_tokens": max_tokens, **({"seed": seed} if seed is not None else {}),
                 **({"stop": list(s.stop)} if s.stop else {}), **self.cfg.extra_body}
         if self.cfg.api == "completions":
-            resp = await client.post("/completions", {**body, "prompt": text})
-            texts = [(c["index"], c["text"], c.get("finish_reason")) for c in resp["choices"]]
-        else:
-            resp = await client.post("/chat/completions", {**body, "messages": json.loads(text)})
-            texts = []
-            for c in resp["choices"]:
-                msg = c["message"]
+            return await client.post("/completions", {**body, "prompt": text}, lambda r: self._completions(r, n))
+        return await client.post("/chat/completions", {**body, "messages": json.loads(text)},
+                                 lambda r: self._completions(r, n))
+
+    def _completions(self, resp, n: int) -> list[Completion]:
+        """A 200's body as n completions, or BadResponse (retried like a 5xx) when it is not a whole
+        answer: no choices or fewer than asked for, a choice without text, no usage where the
+        token count comes from it. A body that counted as an answer is exactly a fault-free one."""
+        if not isinstance(resp, dict) or not isinstance(resp.get("choices"), list):
+            raise BadResponse("no_choices", f"a 200 without a choices list: {str(resp)[:200]}")
+        texts = []
+        for c in resp["choices"]:
+            if not isinstance(c, dict) or not isinstance(c.get("index"), int):
+                raise BadResponse("bad_choice", f"a choice without an index: {str(c)[:200]}")
+            if self.cfg.api == "completions":
+                text = c.get("text")
+            else:
+                msg = c.get("message") or {}
                 reasoning = msg.get("reasoning_content") or msg.get("reasoning")
-                answer = msg.get("content") or ""
-                texts.append((c["index"], f"<think>\n{reasoning}\n</think>\n{answer}" if reasoning else answer,
-                              c.get("finish_reason")))
-        if len(texts) != n:
-            raise RuntimeError(f"asked for {n} samples, the server returned {len(texts)}")
+                answer = msg.get("content")
+                text = (f"<think>\n{reasoning}\n</think>\n{answer or ''}" if reasoning
+                        else answer if isinstance(answer, str) else None)
+            if not isinstance(text, str):
+                raise BadResponse("no_text", f"choice {c['index']} has no text")
+            texts.append((c["index"], text, c.get("finish_reason")))
+        if sorted(i for i, _, _ in texts) != list(range(n)):
+            raise BadResponse("too_few_choices", f"asked for {n} samples, the server returned {len(texts)}")
         texts.sort(key=lambda x: x[0])
         usage = resp.get("usage") or {}
-        if n == 1 and usage.get("completion_tokens") is not None:
-            counts = [usage["completion_tokens"]]  # the server's own count: no re-tokenizing here
+        if n == 1:  # a per-sample request's count is the server's usage: without it the answer is incomplete
+            k = usage.get("completion_tokens")
+            if not isinstance(k, int):
+                raise BadResponse("no_usage", "a 200 without usage.completion_tokens (the token count comes from it)")
+            counts = [k]  # the server's own count: no re-tokenizing here
         elif self.tokenizer is not None:  # n samples share one usage total
             counts = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for _, t, _ in texts]
         else:
@@ -314,11 +343,21 @@ def fitting_budget(message: str, max_tokens: int) -> int | None:
 
 
 class RequestError(Exception):
-    """A request that failed for good: after the retries, or at once for a status not worth retrying."""
+    """A request that failed for good: after the retries, or at once for a status not worth retrying.
+    `cause` names the last try's failure: http_<status>, connection, timeout, bad_json, html, or
+    a BadResponse's cause."""
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None, cause: str = "unknown"):
         super().__init__(message)
-        self.status = status
+        self.status, self.cause = status, cause
+
+
+class BadResponse(Exception):
+    """A 200 that is not a whole answer: retried with the same backoff as a 5xx."""
+
+    def __init__(self, cause: str, message: str):
+        super().__init__(message)
+        self.cause = cause
 
 
 class HTTP:
@@ -335,7 +374,8 @@ class HTTP:
 
     RETRY_STATUS = {408, 409, 429}
 
-    def __init__(self, base_url: str, api_key: str, max_connections: int, timeout_s: float, max_retries: int):
+    def __init__(self, base_url: str, api_key: str, max_connections: int, timeout_s: float, max_retries: int,
+                 retries: Counter | None = None):
         import aiohttp
 
         self.base = base_url.rstrip("/")
@@ -343,8 +383,12 @@ class HTTP:
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max_connections),
                                              timeout=aiohttp.ClientTimeout(total=timeout_s))
         self.max_retries = max_retries
+        self.retries = Counter() if retries is None else retries  # cause -> tries that were retried
 
-    async def post(self, path: str, body: dict) -> dict:
+    async def post(self, path: str, body: dict, check: Callable[[object], T]) -> T:
+        """POST `body`; `check` turns a 200's parsed JSON into the result or raises BadResponse.
+        A 200 counts only once its body parses and passes `check`: a body cut short, an HTML
+        error page, or an answer without its choices is retried like a 5xx."""
         import aiohttp
 
         data = json.dumps(body).encode()
@@ -353,17 +397,29 @@ class HTTP:
             try:
                 async with self.session.post(self.base + path, data=data, headers=self.headers) as r:
                     raw = await r.read()
-                    if r.status == 200:
-                        return json.loads(raw)
-                    message = f"HTTP {r.status}: {raw[:400].decode(errors='replace')}"
-                    if r.status not in self.RETRY_STATUS and r.status < 500:
-                        raise RequestError(message, r.status)
-                    wait = retry_after(r.headers.get("Retry-After"))
                     status = r.status
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as e:
-                message, status = f"{type(e).__name__}: {e}", None
+                    if status == 200:
+                        try:
+                            return check(json.loads(raw))
+                        except json.JSONDecodeError as e:
+                            html = raw.lstrip()[:1].startswith(b"<") or "html" in r.headers.get("Content-Type", "")
+                            cause = "html" if html else "bad_json"
+                            message = f"a 200 whose body is not JSON ({e}; {len(raw)} bytes): {raw[:200].decode(errors='replace')}"
+                        except BadResponse as e:
+                            cause, message = e.cause, str(e)
+                    else:
+                        message = f"HTTP {status}: {raw[:400].decode(errors='replace')}"
+                        cause = f"http_{status}"
+                        if status not in self.RETRY_STATUS and status < 500:
+                            raise RequestError(message, status, cause)
+                        wait = retry_after(r.headers.get("Retry-After"))
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+                message, status, cause = f"{type(e).__name__}: {e}", None, "connection"
+            except asyncio.TimeoutError as e:
+                message, status, cause = f"no answer within {self.session.timeout.total:g} s ({type(e).__name__})", None, "timeout"
             if attempt == self.max_retries:
-                raise RequestError(f"{message} (after {self.max_retries} retries)", status)
+                raise RequestError(f"{message} (after {self.max_retries} retries)", status, cause)
+            self.retries[cause] += 1
             await asyncio.sleep(wait if wait is not None else min(8.0, 0.5 * 2**attempt) * (0.75 + 0.25 * random.random()))
         raise AssertionError("unreachable")
 

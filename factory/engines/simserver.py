@@ -19,6 +19,21 @@ Requests whose prompt + max_tokens exceed --max-model-len get vLLM's 400 error.
 GET /sim/stats gives busy slot-seconds and the window from the first request to the last
 answer, so a client can compute utilization = busy / (slots x window); POST /sim/reset
 clears them. Everything is deterministic in (prompt, seed), so two runs give equal products.
+
+It can misbehave as servers do over a job of days (`Faults`; --faults, --fault-tries,
+--fail-share, --stall-s, or POST /sim/faults with the same fields as JSON at any time):
+    500 / 429   an error status (429 with Retry-After: 0)
+    drop        the connection closed before any reply
+    cut         a 200 whose JSON body is cut in half
+    html        a 200 whose body is a proxy's HTML error page
+    empty       a 200 with `choices: []`
+    notext      a 200 whose choices have no text
+    nousage     a 200 without `usage`
+    stall       no answer for --stall-s seconds (longer than the client's timeout), then a good one
+Every distinct request (prompt, seed, n, max_tokens) fails its first `first_tries` tries, one
+fault per try, the classes taken in turn from a per-request offset; a `fail_share` of distinct
+requests always fails (HTTP 500). Which request gets which fault depends only on the request
+and its try number, so a test's faults are exact. GET /sim/stats counts the faults injected.
 """
 
 from __future__ import annotations
@@ -26,10 +41,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import math
 import random
 import re
 import time
+from dataclasses import asdict, dataclass, field
 
 WORDS = ("so the running total is then we add carry the digit check again subtract multiply wait "
          "let me verify this step first note that since therefore hence which gives us value").split()
@@ -107,8 +124,58 @@ class Teacher:
                 "sequences": self.sequences, "requests": self.requests, "tokens": self.tokens}
 
 
-def make_app(teacher: Teacher):
+FAULTS = ("500", "429", "drop", "cut", "html", "empty", "notext", "nousage", "stall")
+HTML_PAGE = ("<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1>"
+             "</center><hr><center>nginx</center></body></html>")
+
+
+@dataclass
+class Faults:
+    classes: list[str] = field(default_factory=list)
+    """Faults (FAULTS) a request meets on its first `first_tries` tries, one per try, in turn."""
+    first_tries: int = 0
+    """Tries of every distinct request that fail before it is answered."""
+    fail_share: float = 0.0
+    """Share of distinct requests that always fail (HTTP 500), chosen by a hash of the request."""
+    stall_s: float = 30.0
+    """How long a `stall` keeps the client waiting before it answers."""
+
+    def __post_init__(self):
+        unknown = [c for c in self.classes if c not in FAULTS]
+        if unknown:
+            raise ValueError(f"unknown fault classes {unknown}; choose from {', '.join(FAULTS)}")
+        if self.first_tries and not self.classes:
+            raise ValueError("first_tries needs fault classes")
+
+    def pick(self, key: str, attempt: int) -> str | None:
+        """The fault of try `attempt` (0-based) of the request `key`, or None: answer it."""
+        if self.fail_share and _unit(key, "always-fails") < self.fail_share:
+            return "500"
+        if attempt < self.first_tries:
+            start = int(_unit(key, "fault-offset") * len(self.classes))
+            return self.classes[(start + attempt) % len(self.classes)]
+        return None
+
+
+def make_app(teacher: Teacher, faults: Faults | None = None):
     from aiohttp import web
+
+    state = {"faults": faults or Faults(), "tries": {}, "injected": {}}
+
+    def answer(payload: dict, fault: str | None) -> web.Response:
+        """The answer as the fault shapes it (only 200 faults reach here)."""
+        if fault == "empty":
+            payload = {**payload, "choices": []}
+        elif fault == "notext":
+            payload = {**payload, "choices": [{k: v for k, v in c.items() if k != "text"} for c in payload["choices"]]}
+        elif fault == "nousage":
+            payload = {k: v for k, v in payload.items() if k != "usage"}
+        elif fault == "cut":
+            raw = json.dumps(payload)
+            return web.Response(text=raw[: len(raw) // 2], content_type="application/json")
+        elif fault == "html":
+            return web.Response(text=HTML_PAGE, content_type="text/html")
+        return web.json_response(payload)
 
     async def completions(request: web.Request) -> web.Response:
         now = time.monotonic()
@@ -117,6 +184,19 @@ def make_app(teacher: Teacher):
         body = await request.json()
         prompt, n = body["prompt"], int(body.get("n") or 1)
         max_tokens = int(body.get("max_tokens") or 16)
+        key = hashlib.blake2b(repr((prompt, body.get("seed"), n, max_tokens)).encode(), digest_size=12).hexdigest()
+        attempt = state["tries"][key] = state["tries"].get(key, -1) + 1
+        fault = state["faults"].pick(key, attempt)
+        if fault is not None:
+            state["injected"][fault] = state["injected"].get(fault, 0) + 1
+        if fault in ("500", "429"):
+            return web.json_response({"error": {"message": f"injected {fault}", "type": "server_error"}},
+                                     status=int(fault), headers={"Retry-After": "0"} if fault == "429" else None)
+        if fault == "drop":
+            request.transport.close()  # the client sees the connection closed before any reply
+            raise asyncio.CancelledError
+        if fault == "stall":
+            await asyncio.sleep(state["faults"].stall_s)
         prompt_tokens = max(1, len(prompt) // 4)
         if prompt_tokens + max_tokens > teacher.max_model_len:
             msg = (f"This model's maximum context length is {teacher.max_model_len} tokens. However, you requested "
@@ -127,16 +207,25 @@ def make_app(teacher: Teacher):
         seed = int(seed) if seed is not None else random.getrandbits(31)
         outs = await asyncio.gather(*(teacher.run_sequence(prompt, seed + i, max_tokens) for i in range(n)))
         teacher.last = time.monotonic()
-        return web.json_response({
+        return answer({
             "id": f"cmpl-{teacher.requests}", "object": "text_completion", "created": int(time.time()),
             "model": body.get("model", "sim"),
             "choices": [{"index": i, "text": t, "finish_reason": f, "logprobs": None} for i, (t, _, f) in enumerate(outs)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": sum(k for _, k, _ in outs),
                       "total_tokens": prompt_tokens + sum(k for _, k, _ in outs)},
-        })
+        }, fault if fault != "stall" else None)
 
     async def stats(request: web.Request) -> web.Response:
-        return web.json_response(teacher.stats())
+        return web.json_response({**teacher.stats(), "faults": asdict(state["faults"]),
+                                  "faults_injected": dict(state["injected"])})
+
+    async def set_faults(request: web.Request) -> web.Response:
+        try:
+            state["faults"] = Faults(**await request.json())
+        except (TypeError, ValueError) as e:
+            return web.json_response({"error": {"message": str(e)}}, status=400)
+        state["tries"], state["injected"] = {}, {}
+        return web.json_response(asdict(state["faults"]))
 
     async def reset(request: web.Request) -> web.Response:
         teacher.reset()
@@ -147,7 +236,8 @@ def make_app(teacher: Teacher):
 
     app = web.Application(client_max_size=64 << 20)
     app.add_routes([web.post("/v1/completions", completions), web.get("/sim/stats", stats),
-                    web.post("/sim/reset", reset), web.get("/v1/models", models)])
+                    web.post("/sim/reset", reset), web.get("/v1/models", models),
+                    web.post("/sim/faults", set_faults)])
     return app
 
 
@@ -160,12 +250,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--median", type=float, default=3000.0, help="median trace length in tokens")
     p.add_argument("--sigma", type=float, default=0.8, help="lognormal sigma of trace lengths")
     p.add_argument("--max-model-len", type=int, default=40960)
+    p.add_argument("--faults", default="", help=f"comma-separated fault classes ({', '.join(FAULTS)})")
+    p.add_argument("--fault-tries", type=int, default=0, help="tries of every request that fail, one fault each")
+    p.add_argument("--fail-share", type=float, default=0.0, help="share of requests that always fail (HTTP 500)")
+    p.add_argument("--stall-s", type=float, default=30.0, help="how long a stall lasts")
     a = p.parse_args(argv)
+    faults = Faults([c for c in a.faults.split(",") if c], a.fault_tries, a.fail_share, a.stall_s)
     from aiohttp import web
 
     async def serve():
         teacher = Teacher(a.slots, a.rate, a.median, a.sigma, a.max_model_len)
-        runner = web.AppRunner(make_app(teacher), access_log=None)
+        runner = web.AppRunner(make_app(teacher, faults), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, a.host, a.port, backlog=4096).start()
         print(f"simulated teacher on http://{a.host}:{a.port}/v1 ({a.slots} slots x {a.rate:g} tok/s)", flush=True)

@@ -113,6 +113,13 @@ def card(run_dir: Path, manifest: dict) -> str:
     for name, s in stages.items():
         dropped = ", ".join(f"{k}: {v:,}" for k, v in sorted(s["dropped"].items())) or "-"
         lines.append(f"| {name} | {s['in']:,} | {s['out']:,} | {dropped} |")
+    failed = manifest.get("failed_requests") or {}
+    if failed.get("total"):
+        lines += ["", f"**Incomplete: {failed['total']:,} requests failed for good** ("
+                  + ", ".join(f"{k}: {v:,}" for k, v in sorted(failed["by_stage"].items())) + "; causes: "
+                  + (", ".join(f"{k}: {v:,}" for k, v in sorted(failed["by_cause"].items())) or "-")
+                  + "). Their samples are missing; `difficulty` rows carry `num_failed`. Re-running the "
+                  "recipe sends only those requests again."]
     lines += ["", f"Curate keeps at most {curate['max_traces_per_problem']} correct traces per problem "
               f"(`selection: {curate['selection']}`), {curate['pairs_per_problem']} pair(s) per problem "
               f"(`pairing: {curate['pairing']}`). Every dropped row is in `rejected/<stage>/` with its reason.", "",

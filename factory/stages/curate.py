@@ -60,6 +60,11 @@ class CurateConfig:
     """Verdicts whose traces may be the rejected side of a pair."""
     seed: int = 0
     """Seed of random selection and pairing."""
+    drop_incomplete: bool = False
+    """Leave out problems some of whose K samples failed for good at the server (their pass rate
+    is over fewer than K traces; `num_failed` says how many). Off by default: a server fault
+    does not depend on the trace, so the pass rate over the rest is still an unbiased estimate,
+    the run already exits non-zero, and a re-run sends the failed samples again."""
 
 
 def bucket_of(difficulty: float, edges: list[float]) -> int:
@@ -93,12 +98,15 @@ def _pairs(good: list[dict], bad: list[dict], cfg: CurateConfig, rng: random.Ran
     return [(good[i % len(good)], bad[(i % len(good) + i // len(good)) % len(bad)]) for i in range(n)]
 
 
-def curate_table(graded: pa.Table, cfg: CurateConfig, prompt_fn: Callable[[str], list[dict]]):
+def curate_table(graded: pa.Table, cfg: CurateConfig, prompt_fn: Callable[[str], list[dict]],
+                 num_samples: int | None = None):
     """Label difficulty, filter, select and pair.
 
     Args:
         graded: every graded trace.
         prompt_fn: question -> prompt messages (the rollout's, so SFT sees what the teacher saw).
+        num_samples: K, the samples asked for per problem (rollout.num_traces): a problem with
+            fewer traces lost the others to failed requests. None: every problem is whole.
     Returns:
         (curriculum, pairs, difficulty, rejected) tables; curriculum sorted easy -> hard.
     """
@@ -119,12 +127,20 @@ def curate_table(graded: pa.Table, cfg: CurateConfig, prompt_fn: Callable[[str],
         n_correct = sum(verdict(t) == "correct" for t in traces)
         pass_rate = n_correct / len(traces)
         difficulty = 1.0 - pass_rate
-        stats = {"num_traces": len(traces), "num_correct": n_correct, "pass_rate": pass_rate,
+        num_failed = max(0, num_samples - len(traces)) if num_samples else 0
+        stats = {"num_traces": len(traces), "num_failed": num_failed, "num_correct": n_correct, "pass_rate": pass_rate,
                  "difficulty": difficulty, "difficulty_bucket": bucket_of(difficulty, cfg.difficulty_buckets)}
         in_band = cfg.min_pass_rate <= pass_rate <= cfg.max_pass_rate
+        incomplete = cfg.drop_incomplete and num_failed > 0
         problems.append({"problem_id": pid, "source": traces[0]["source"], "split": traces[0]["split"],
                          "level": traces[0].get("level"), "origin": traces[0].get("origin"),
-                         "parent_problem_id": traces[0].get("parent_problem_id"), "in_band": in_band, **stats})
+                         "parent_problem_id": traces[0].get("parent_problem_id"), "in_band": in_band and not incomplete,
+                         **stats})
+        if incomplete:
+            for t in traces:
+                drop(t, "incomplete_samples", f"{num_failed} of {num_samples} samples failed at the server; "
+                     "re-run to send them again (curate.drop_incomplete)")
+            continue
         if not in_band:
             reason = "pass_rate_below_band" if pass_rate < cfg.min_pass_rate else "pass_rate_above_band"
             for t in traces:

@@ -62,6 +62,12 @@ class RolloutConfig:
     """Answer budget after a forced close."""
     force_answer_text: str = "\n</think>\n\n"
     """Appended to a sample cut inside its thinking, before the answer is asked for."""
+    retry_failed: bool = True
+    """A re-run sends again the requests that failed for good in an earlier run (after the
+    client's retries): rollout's failed samples (only those, with their own seeds, so the
+    recovered traces are a fault-free run's), and the failed requests of rewrite and the judge
+    (their shards are redone; the server's journal answers what had succeeded). false: such
+    failures stay request_failed rows."""
 
 
 def check_budget(cfg: RolloutConfig) -> None:
@@ -154,7 +160,7 @@ def prepare(rows: list[dict], cfg: RolloutConfig, engine: Engine) -> tuple[list[
 
 # -- the thinking budget ---------------------------------------------------------------------
 
-def _think_prefix(p: Prepared) -> str:
+def think_prefix(p: Prepared) -> str:
     # an R1-distill template prefills "<think>\n": the completion is inside the block from its start
     return answers.THINK_OPEN + "\n" if p.prompt.rstrip().endswith(answers.THINK_OPEN) else ""
 
@@ -170,7 +176,7 @@ def continuations(p: Prepared, completions: list[Completion], cfg: RolloutConfig
     for k, c in enumerate(completions):
         if c.error is not None or c.finish_reason != "length":
             continue
-        text = _think_prefix(p) + c.text
+        text = think_prefix(p) + c.text
         split = answers.split_think(text)
         forced = split.reasoning is not None and not split.think_closed
         prompt = p.prompt + c.text + (cfg.force_answer_text if forced else "")
@@ -198,7 +204,7 @@ def trace_rows(p: Prepared, completions: list[Completion], key: str, model: str)
     """A problem's K completions as trace rows (and request_failed rejections); returns tokens too."""
     row = p.row
     # an R1-distill template prefills "<think>\n": put it back so the trace reads whole
-    prefix = _think_prefix(p)
+    prefix = think_prefix(p)
     traces, rejected, tokens = [], [], 0
     for k, c in enumerate(completions):
         tid = trace_id(row["problem_id"], k, key)
