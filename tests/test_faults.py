@@ -204,3 +204,43 @@ def test_permanent_failures_are_loud_and_a_rerun_recovers_them_through_kills(sim
     # only the failed samples went out again (kills may repeat a few in flight, never the whole run)
     resent = json.loads(urllib.request.urlopen(sim + "/sim/stats").read())["requests"] - sent_before
     assert failed["total"] <= resent < 512 // 2, resent
+
+
+def test_rewrite_judge_and_thinking_budget_recover_their_failures(sim, tmp_path):
+    """Every stage that sends requests: rewrite (the rewriter and its check), rollout under a
+    thinking budget (a failed first phase or continuation), the judge. 30% of requests
+    fail at once (max_retries 0); after the server heals, a plain re-run leaves no failure and
+    gives the products of a run that never met one."""
+    pairs = random.Random(5).sample([(a, b) for a in range(50) for b in range(50)], 24)
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"question": f"What is {a} + {b}?", "answer": str(a + b),
+                                            "domain": "numeric"}) + "\n" for a, b in pairs))
+
+    def data(out: Path) -> dict:
+        d = recipe(out, sim, problems, max_retries=0)
+        d["rewrite"] = {"modes": ["paraphrase", "variant"], "per_problem": 1, "check_samples": 4, "max_tokens": 64,
+                        "min_agreement": 0.5}
+        d["rollout"].update(num_traces=4, max_think_tokens=60, forced_answer_tokens=16)
+        d["judge"] = {"verdicts": ["wrong"], "require_answer_part": False}
+        return d
+
+    set_faults(sim)
+    pipeline.run(load(data(tmp_path / "clean")))
+    expected = products(tmp_path / "clean")
+    set_faults(sim, fail_share=0.3)
+    first = pipeline.run(load(data(tmp_path / "run")))
+    failed = first["failed_requests"]
+    assert {"rewrite", "rollout", "judge"} <= set(failed["by_stage"]), failed
+    assert failed["by_cause"]["http_500"] == failed["by_stage"]["rewrite"] + failed["by_stage"]["rollout"]
+    set_faults(sim)
+    again = pipeline.run(load(data(tmp_path / "run")))
+    assert again["failed_requests"]["total"] == 0, again["failed_requests"]
+    got = products(tmp_path / "run")
+    for name in expected:
+        assert got[name] == expected[name], name
+    def traces(run: str) -> list[tuple]:
+        return [(r["trace_id"], r["text"], r["forced_answer"]) for f in sorted((tmp_path / run / "stages" / "rollout").glob(
+            "shard-*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+    assert traces("run") == traces("clean") and any(forced for _, _, forced in traces("run"))
+    assert again["stages"]["rewrite"]["rewrites"] == pipeline.run(load(data(tmp_path / "clean")))["stages"]["rewrite"]["rewrites"]

@@ -299,6 +299,11 @@ class Runner:
         out, rejected, stats = self.shard_fn(name)(table)
         stats = {**stats, "rows_in": table.num_rows, "rows_out": out.num_rows,
                  "dropped": store.count_reasons(rejected), "seconds": time.perf_counter() - t0}
+        if "failures" not in stats and rejected.num_rows:  # by cause: a failed request's detail starts with it
+            failed = [d.split(":", 1)[0] for r, d in zip(rejected.column("drop_reason").to_pylist(),
+                                                         rejected.column("detail").to_pylist())
+                      if r.endswith("request_failed") and d]
+            stats["failures"] = {c: failed.count(c) for c in set(failed)}
         sd.write_shard(i, out, rejected, stats, source=source)
         return stats
 
