@@ -13,8 +13,8 @@ none of these gives its last LaTeX expression (`fallback_latex`) or its last num
 source is kept so a user can filter on it. A trace whose `<think>` never closed has no
 answer part and no fallback: the last number of unfinished reasoning is not an answer.
 
-References are read here too (`reference_answer`): a worked solution's last `\\boxed{}`, or
-what follows GSM8K's `####`.
+References are read here too (`reference_answer`): a worked solution's last `\\boxed{}` (its
+boxes joined, when it boxes several parts), or what follows GSM8K's `####`.
 """
 
 from __future__ import annotations
@@ -166,10 +166,14 @@ GSM8K_MARK = "####"
 def reference_answer(text: str, how: str = "auto") -> str | None:
     """The final answer inside a reference column.
 
-    how: boxed (the last \\boxed{}), gsm8k (after the last ####, thousands separators
-    removed), auto (boxed if there is one, else after ####, else the text itself).
-    None when `how` names a form the text does not have."""
+    how: boxed (the last \\boxed{}; a solution that boxes several distinct parts gives them
+    all, joined by ", ", as a trace's several boxes are read), gsm8k (after the last ####,
+    thousands separators removed), auto (boxed if there is one, else after ####, else the
+    text itself). None when `how` names a form the text does not have."""
     if how in ("boxed", "auto"):
+        parts = _said_once(all_boxed(text))
+        if len(parts) > 1:
+            return ", ".join(parts)
         boxed = last_boxed(text)
         if boxed or how == "boxed":
             return boxed or None

@@ -43,3 +43,13 @@ def test_answer_boxes(text, boxes):
 def test_extract_answer_joins_several_boxes(text, answer, source):
     assert answers.extract_answer(text) == (answer, source)
 
+
+@pytest.mark.parametrize("text,how,reference", [
+    (r"So the roots are $\boxed{2}$ and $\boxed{3}$.", "boxed", "2, 3"),
+    (r"The answer is $\boxed{7}$; again, $\boxed{7}$.", "boxed", "7"),
+    (r"Thus $\boxed{\frac{1}{2}}$.", "auto", r"\frac{1}{2}"),
+    ("no box here", "boxed", None),
+    ("She has 5.\n#### 5", "auto", "5"),
+])
+def test_reference_answer_reads_every_boxed_part(text, how, reference):
+    assert answers.reference_answer(text, how) == reference

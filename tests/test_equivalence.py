@@ -296,6 +296,10 @@ def test_which_boxes_make_the_answer():
     assert grade(r"<think>maybe \boxed{2} and \boxed{3}", "3")[1:] == ("3", "answer from boxed")
     # a completion without a think block is all answer
     assert grade(r"\boxed{2} and \boxed{3}", "3, 2")[2] == "multi-box: 2 boxes as an unordered set"
+    # a worked solution that boxes each part is read as all of them
+    solution = r"Factoring, the roots are $\boxed{2}$ and $\boxed{3}$."
+    assert grade(r"<think>.</think> \boxed{3}, \boxed{2}", solution)[0] == verify.CORRECT
+    assert grade(r"<think>.</think> \boxed{3}", solution)[0] == verify.WRONG
     # a reference nothing can read stays unverifiable
     assert grade(r"<think>.</think> \boxed{2}, \boxed{3}", "see the proof above")[0] == verify.UNVERIFIABLE
 
