@@ -1,17 +1,20 @@
 """Reading a trace: the `<think>` block, the answer part, and the final answer in it.
 
 Pure string functions shared by rollout (which records reasoning / answer_text) and grade
-(which extracts the final answer). Extraction order: the last `\\boxed{...}` of the answer
-part, then an `<answer>` tag or an "answer is" / "Final answer:" line, then the recipe's
-own regex patterns (first group), each tried on the answer part before the whole text.
+(which extracts the final answer). Extraction order: the `\\boxed{...}` answers of the answer
+part (`answer_boxes`: several distinct ones are one multi-part answer, source `boxes`, which
+grade compares with the reference as a whole; one box, or one written out again, is read as
+its last box, as before), then an `<answer>` tag or an "answer is" / "Final answer:" line,
+then the recipe's own regex patterns (first group), each tried on the answer part before the
+whole text.
 With `fallback` (grade does it for the math and numeric domains), an answer part that has
 none of these gives its last LaTeX expression (`fallback_latex`) or its last number
 (`fallback_number`), the way math-verify's own extraction reads a bare final line; the
 source is kept so a user can filter on it. A trace whose `<think>` never closed has no
 answer part and no fallback: the last number of unfinished reasoning is not an answer.
 
-References are read here too (`reference_answer`): a worked solution's last `\\boxed{}`, or
-what follows GSM8K's `####`.
+References are read here too (`reference_answer`): a worked solution's last `\\boxed{}` (its
+boxes joined, when it boxes several parts), or what follows GSM8K's `####`.
 """
 
 from __future__ import annotations
@@ -46,10 +49,13 @@ def split_think(text: str) -> Split:
     return Split(text[start:close_at].strip(), text[close_at + len(THINK_CLOSE):].strip(), True)
 
 
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
 def last_boxed(text: str) -> str | None:
     """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced; None if none closes."""
     best = None
-    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+    for m in _BOX.finditer(text):
         depth, i = 1, m.end()
         while i < len(text) and depth:
             depth += {"{": 1, "}": -1}.get(text[i], 0)
@@ -57,6 +63,45 @@ def last_boxed(text: str) -> str | None:
         if depth == 0:
             best = text[m.end(): i - 1]
     return best.strip() if best is not None else None
+
+
+def all_boxed(text: str) -> list[str]:
+    """Contents of every outermost \\boxed{...} (or \\fbox{...}) that closes, in order; a box
+    inside a box is read as its inner box (the way `last_boxed` reads one)."""
+    out, pos = [], 0
+    while (m := _BOX.search(text, pos)) is not None:
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth:  # never closes: a box opened inside it may
+            pos = m.end()
+            continue
+        inner = text[m.end(): i - 1]
+        out.append((last_boxed(inner) if _BOX.search(inner) else inner.strip()) or "")
+        pos = i
+    return out
+
+
+def answer_boxes(text: str) -> list[str]:
+    """The boxed answers of a completion's answer part, in order, empty boxes left out.
+
+    A run of boxes written out again (R1 often states its answer, then repeats it under
+    "Final Answer") counts once: when the sequence is one block repeated, its last copy is
+    kept. [] when the think block never closed: an unfinished trace is read by its last box
+    only (`extract_answer`), never as a multi-part answer."""
+    part = split_think(text).answer_text
+    return [] if part is None else _said_once(all_boxed(part))
+
+
+def _said_once(boxes: list[str]) -> list[str]:
+    """Non-empty boxes; a sequence that is one block repeated (spaces aside) as its last copy."""
+    boxes = [b for b in boxes if b]
+    keys = [re.sub(r"\s+", "", b) for b in boxes]
+    for period in range(1, len(keys)):
+        if len(keys) % period == 0 and keys == keys[:period] * (len(keys) // period):
+            return boxes[-period:]
+    return boxes
 
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
@@ -85,9 +130,13 @@ def extract_answer(text: str, patterns: list[str] = (), fallback: bool = False) 
     """The final answer of a completion and where it came from.
 
     Returns:
-        (answer or None, source) with source one of boxed | answer_tag | answer_line |
-        pattern | fallback_latex | fallback_number | none.
+        (answer or None, source) with source one of boxes | boxed | answer_tag | answer_line |
+        pattern | fallback_latex | fallback_number | none. For `boxes` (several distinct boxed
+        answers) the answer is the boxes joined by ", "; grade compares `answer_boxes` itself.
     """
+    boxes = answer_boxes(text)
+    if len(boxes) > 1:
+        return ", ".join(boxes), "boxes"
     part = split_think(text).answer_text
     scopes = [part] if part is not None else [text]
     for scope in scopes:
@@ -117,10 +166,14 @@ GSM8K_MARK = "####"
 def reference_answer(text: str, how: str = "auto") -> str | None:
     """The final answer inside a reference column.
 
-    how: boxed (the last \\boxed{}), gsm8k (after the last ####, thousands separators
-    removed), auto (boxed if there is one, else after ####, else the text itself).
-    None when `how` names a form the text does not have."""
+    how: boxed (the last \\boxed{}; a solution that boxes several distinct parts gives them
+    all, joined by ", ", as a trace's several boxes are read), gsm8k (after the last ####,
+    thousands separators removed), auto (boxed if there is one, else after ####, else the
+    text itself). None when `how` names a form the text does not have."""
     if how in ("boxed", "auto"):
+        parts = _said_once(all_boxed(text))
+        if len(parts) > 1:
+            return ", ".join(parts)
         boxed = last_boxed(text)
         if boxed or how == "boxed":
             return boxed or None

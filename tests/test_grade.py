@@ -6,7 +6,7 @@ import time
 
 
 from factory import schema
-from factory.stages.grade import GradeConfig, grade_table, make_pool
+from factory.stages.grade import GradeConfig, grade_table, label_unlabeled, make_pool
 from factory.workers import Failed, TimedOut, TimeoutPool
 
 
@@ -37,6 +37,29 @@ def test_pathological_expression_times_out_and_the_rest_is_graded():
     assert "over 3s" in graded.column("grade_detail").to_pylist()[1]
     assert again.column("verdict").to_pylist() == ["correct"]
     assert graded.column_names[: len(schema.TRACES)] == schema.TRACES.names  # nothing upstream dropped
+
+
+def test_multi_part_answers_through_the_pool_and_the_majority_vote():
+    cfg = GradeConfig(workers=1)
+    graded_rows = traces([
+        {"text": "<think>.</think>\\boxed{(2, 2)} \\quad \\text{and} \\quad \\boxed{(6, 2)}", "answer": "(2, 2), (6, 2)"},
+        {"text": "<think>.</think>\\boxed{3}, \\boxed{2}", "answer": "(2, 3)"},
+        {"text": "<think>.</think>\\boxed{(6, 2)}", "answer": "(2, 2), (6, 2)"},
+    ])
+    unlabeled = traces([{"text": t, "answer": None, "reference_source": "unlabeled"} for t in [
+        "<think>.</think>\\boxed{1}, \\boxed{2}", "<think>.</think>\\boxed{2} and \\boxed{1}",
+        "<think>.</think>\\boxed{1, 2}", "<think>.</think>\\boxed{2}"]])
+    with make_pool(cfg) as pool:
+        graded = grade_table(graded_rows, cfg, pool)
+        labelled, rejected, counts = label_unlabeled(unlabeled, cfg, pool)
+    assert graded.column("verdict").to_pylist() == ["correct", "wrong", "wrong"]
+    assert graded.column("grade_detail").to_pylist() == [
+        "multi-box: 2 boxes as an unordered set", "multi-box: 2 boxes as an ordered tuple", "answer from boxed"]
+    assert graded.column("extracted_answer").to_pylist() == ["(2, 2), (6, 2)", "(3, 2)", "(6, 2)"]
+    # several boxes vote as one answer: {1, 2} three times, in any order or one box
+    assert (rejected, counts["unlabeled"]["labelled"]) == ([], 1)
+    assert labelled.column("answer").to_pylist() == ["1, 2"] * 4
+    assert labelled.column("reference_agreement").to_pylist() == [0.75] * 4
 
 
 def _crash_on_odd(x: int) -> int:

@@ -55,6 +55,14 @@ CASES = [
     ("<think>.</think>\\boxed{\\text{Yes}}", "yes", "exact", None, "correct"),
     ("<think>.</think>\\boxed{Blue  Whale.}", "blue whale", "exact", None, "correct"),
     ("<think>.</think>\\boxed{no}", "yes", "exact", None, "wrong"),
+    # several boxes against a one-part reference: each box must be the answer (a hedge is wrong)
+    ("<think>.</think>\\boxed{12} cm, that is \\boxed{12 cm}", "12", "numeric", None, "correct"),
+    ("<think>.</think>\\boxed{3} or \\boxed{12}", "12", "numeric", None, "wrong"),
+    ("<think>.</think>\\boxed{12} or \\boxed{3}", "12", "numeric", None, "wrong"),
+    ("<think>.</think>\\boxed{B}, i.e. \\boxed{(B)}", "B", "choice", ["1", "2", "3"], "correct"),
+    ("<think>.</think>\\boxed{B} or \\boxed{C}", "C", "choice", ["1", "2", "3"], "wrong"),
+    ("<think>.</think>\\boxed{no} \\boxed{yes}", "yes", "exact", None, "wrong"),
+    ("<think>.</think>\\boxed{2} and \\boxed{3}", "3, 2", "math", None, "correct"),
 ]
 
 

@@ -12,6 +12,11 @@ traces are rejected (`low_agreement` / `no_majority`, with the votes). A majorit
 problem's pass rate is at least its agreement by construction: it measures consistency, not
 accuracy. A problem's traces share a rollout shard, so the vote sees all of them.
 
+A trace whose answer part boxes several distinct answers (R1 boxes each part of a multi-part
+answer) is graded on all of them as one answer, a set, an ordered tuple or a union as the
+reference is written (verify.compare_boxes); `grade_detail` names the rule ("multi-box: 3
+boxes as an unordered set"). One box is read as before ("answer from boxed").
+
 Each trace is graded in a worker process with a hard timeout (factory.workers), so a
 pathological expression ends as `timeout` instead of hanging the run.
 """
@@ -64,6 +69,12 @@ def grade_one(job: GradeJob) -> tuple[str, str | None, str]:
     extracted, source = answers.extract_answer(job.text, job.config.answer_patterns, fallback)
     if extracted is None:
         return verify.NO_ANSWER, None, "no final answer found"
+    if source == "boxes":  # several boxed answers: one multi-part answer, compared as a whole
+        verdict, extracted, rule = verify.compare_boxes(
+            answers.answer_boxes(job.text), job.reference, job.domain, job.choices, job.config.numeric_rel_tol,
+            job.config.numeric_abs_tol, job.config.math_float_rounding,
+        )
+        return verdict, extracted, f"multi-box: {rule}"
     verdict = verify.compare(
         extracted, job.reference, job.domain, job.choices, job.config.numeric_rel_tol,
         job.config.numeric_abs_tol, job.config.math_float_rounding,
