@@ -161,6 +161,9 @@ def _stage_line(cur: dict) -> str:
         parts.append(f"{cur['tok_s']:,.0f} tok/s")
     if "verdicts" in c:
         parts.append(", ".join(f"{k}={v}" for k, v in sorted(c["verdicts"].items())))
+    for k in ("retries", "failed"):  # the server's faults: retried tries, samples failed for good
+        if c.get(k):
+            parts.append(f"{k} " + ", ".join(f"{kk}={vv}" for kk, vv in sorted(c[k].items())))
     parts.append(f"{_duration(cur.get('elapsed_s'))} elapsed")
     if cur.get("eta_s") is not None and cur["done"] != cur["total"]:
         parts.append(f"ETA {_duration(cur['eta_s'])}")
