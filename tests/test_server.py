@@ -112,9 +112,15 @@ def test_transient_failures_retried_permanent_ones_recorded(tmp_path, flaky, tea
     assert Flaky.counts["What is 4 + 6?"] == 4 * per_request  # 1 try + 3 retries each
     assert Flaky.counts["What is 1 + 2?"] == per_request
 
-    # a re-run of the finished run sends nothing: its shards are sealed, the failure is a recorded row
+    # a re-run sends again only the failed samples, each alone (n=1, seeded seed+i): here they fail again
     Flaky.counts = {}
     data["curate"]["max_traces_per_problem"] = 3  # (a changed curate does not re-run rollout)
+    again = pipeline.run(load(data), log=lambda m: None)
+    assert Flaky.counts == {"What is 4 + 6?": 4 * k}
+    assert again["failed_requests"] == {"total": k, "by_stage": {"rollout": k}, "by_cause": {"http_500": k}}
+    # with rollout.retry_failed off, a re-run sends nothing: the failure stays a recorded row
+    Flaky.counts = {}
+    data["rollout"]["retry_failed"] = False
     pipeline.run(load(data), log=lambda m: None)
     assert Flaky.counts == {}
 
