@@ -128,11 +128,12 @@ def test_sigkill_in_the_topup_resumes_to_the_same_products(sim, tmp_path):  # no
 def test_topup_on_the_in_process_engine(engine, tmp_path):
     """The same stage on vLLM in this process (the session's tiny addition teacher), graded in the
     grade stage's pool: only in-band problems get waves, and a second call gives the same traces."""
-    rows = [{"problem_id": f"p{i}", "question": f"{a}+{b}=", "answer": str(a + b), "domain": "numeric",
-             "source": "t", "split": "train"} for i, (a, b) in enumerate([(3, 4), (5, 2), (9, 9), (7, 8), (1, 6), (8, 6)])]
+    rows = [{"problem_id": f"p{i}", "question": f"What is {a} + {b}?", "answer": str(a + b), "domain": "numeric",
+             "source": "toy_addition", "split": "train"}
+            for i, (a, b) in enumerate([(3, 4), (5, 2), (9, 9), (7, 8), (1, 6), (8, 6), (0, 0), (9, 1)])]
     from factory import schema
 
-    rollout = RolloutConfig(num_traces=4, temperature=1.0, top_p=1.0, max_tokens=24, question_template="{question}")
+    rollout = RolloutConfig(num_traces=4, temperature=1.0, top_p=1.0, max_tokens=48, question_template="{question}")
     cfg = grade.GradeConfig(workers=1)
     pool = grade.make_pool(cfg)
     try:
