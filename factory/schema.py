@@ -7,6 +7,7 @@ Tables grow stage by stage; a stage adds columns and never rewrites or drops ups
     rewritten  (rewrite)  problems (+ rewrites) + rewrite_model, check_* (the teacher's vote)
     traces     (rollout)  problems + trace_id, sample_index, text, reasoning, answer_text, ...
     graded     (grade)    traces + extracted_answer, verdict, format_ok, grade_detail
+    topped up  (topup)    graded + topup_wave, and the top-up's own graded traces
     judged     (judge)    graded + judge_verdict, judge_text, judge_model
     scored     (score)    graded + prm_step_scores, prm_mean/min/prod/last, prm_status, prm_pass
     curriculum (curate)   SFT rows: prompt/completion messages + ids + difficulty
@@ -82,6 +83,13 @@ GRADE_COLUMNS = [
 ]
 GRADED = pa.schema(list(TRACES) + [pa.field(n, t) for n, t in GRADE_COLUMNS])
 
+# Added by the top-up stage (factory/stages/topup.py); carried onto curriculum rows and pairs.
+TOPUP_COLUMNS = [
+    # 0: one of the problem's first K rollout traces (its pass rate counts only these);
+    # w >= 1: sampled in top-up wave w; null: the run had no top-up stage
+    ("topup_wave", pa.int32()),
+]
+
 # Added by the judge stage (factory/stages/judge.py); null on traces it did not judge.
 JUDGE_COLUMNS = [
     ("judge_verdict", pa.string()),  # correct | wrong | unclear: the judge's, beside the symbolic verdict
@@ -126,7 +134,7 @@ CURRICULUM = pa.schema(
         ("answer", pa.string()),
         ("num_tokens", pa.int32()),
     ]
-    + [pa.field(n, t) for n, t in DIFFICULTY_COLUMNS]
+    + [pa.field(n, t) for n, t in DIFFICULTY_COLUMNS + TOPUP_COLUMNS]
 )
 
 PAIRS = pa.schema(
@@ -141,6 +149,7 @@ PAIRS = pa.schema(
         ("source", pa.string()),
         ("pass_rate", pa.float64()),
         ("difficulty", pa.float64()),
+        ("chosen_topup_wave", pa.int32()),  # the chosen trace's topup_wave
     ]
 )
 

@@ -80,3 +80,53 @@ def test_group_by_length_regroups_within_windows_and_keeps_the_rows():
 def test_bad_orders_are_errors(cfg, message):
     with pytest.raises(ValueError, match=message):
         training_order(DIFF, cfg, 8)
+
+
+def test_replay_climbs_bucket_by_bucket_and_replays_earlier_ones():
+    cfg = OrderConfig("replay", epochs=2, buckets=4, replay=0.5, seed=3)
+    order = training_order(DIFF, cfg, 8)
+    # 4 buckets of 10 rows; phase b holds its 10 rows + 5 replayed from rows < 10b (none for bucket 0)
+    sizes = [10, 15, 15, 15]
+    assert len(order) == 2 * sum(sizes)
+    pos = 0
+    for _ in range(2):
+        for b, size in enumerate(sizes):
+            phase = order[pos:pos + size]
+            pos += size
+            own = sorted(i for i in phase if 10 * b <= i < 10 * (b + 1))
+            replayed = [i for i in phase if i < 10 * b]
+            assert own == list(range(10 * b, 10 * b + 10))  # every row of the bucket, once
+            assert len(replayed) == size - 10 and len(set(replayed)) == len(replayed)  # only earlier rows
+            assert not any(i >= 10 * (b + 1) for i in phase)  # nothing from harder buckets yet
+    assert order[10:25] != sorted(order[10:25])  # shuffled within the phase
+    assert order == training_order(DIFF, cfg, 8)
+    # replay 0 is sorted by buckets: each bucket's rows, shuffled inside it
+    plain = training_order(DIFF, OrderConfig("replay", buckets=4, replay=0.0), 8)
+    assert [sorted(plain[i:i + 10]) for i in range(0, 40, 10)] == [list(range(i, i + 10)) for i in range(0, 40, 10)]
+
+
+def test_hard_weighted_sees_hard_rows_more_often_with_the_same_number_of_examples():
+    from collections import Counter
+
+    cfg = OrderConfig("hard_weighted", epochs=2, hard_weight=1.0, seed=5)
+    order = training_order(DIFF, cfg, 8)
+    assert len(order) == 80  # as many examples as shuffled
+    counts = Counter(order)
+    # expected count of row i: 80 (1 + d_i) / sum(1 + d): each count is its floor or ceiling
+    mass = sum(1 + d for d in DIFF)
+    for i, d in enumerate(DIFF):
+        assert abs(counts.get(i, 0) - 80 * (1 + d) / mass) < 1
+    easy = sum(counts.get(i, 0) for i, d in enumerate(DIFF) if d == 0) / DIFF.count(0)
+    hard = sum(counts.get(i, 0) for i, d in enumerate(DIFF) if d == 1) / DIFF.count(1)
+    assert hard == pytest.approx(2 * easy, rel=0.35)  # weight 2 vs 1
+    assert order != sorted(order) and order == training_order(DIFF, cfg, 8)
+    # weight 0 gives every row exactly `epochs` examples (shuffled's counts)
+    flat = training_order(DIFF, OrderConfig("hard_weighted", epochs=2, hard_weight=0.0), 8)
+    assert Counter(flat) == Counter(list(range(40)) * 2)
+
+
+def test_bad_replay_and_hard_weight_are_errors():
+    with pytest.raises(ValueError, match="buckets=0"):
+        training_order(DIFF, OrderConfig("replay", buckets=0), 8)
+    with pytest.raises(ValueError, match="hard_weight=-1"):
+        training_order(DIFF, OrderConfig("hard_weighted", hard_weight=-1), 8)

@@ -80,3 +80,20 @@ def test_round_report_draws_each_grpo_reward_curve():
     line = page.split('<polyline points="')[1].split('"')[0].split()
     assert float(line[-1].split(",")[1]) < float(line[0].split(",")[1])
     assert rounds.html([{**row, "reward_history": {}}]).count("<svg") == 1
+
+
+def test_round_table_gives_mean_and_spread_over_seeds():
+    def ev(p, l1):
+        return {"overall": {"pass@1": p}, "groups": {"1": {"pass@1": l1}}}
+
+    entry = rounds.student_entry([ev(0.40, 0.8), ev(0.44, 0.9), ev(0.42, 0.85)])
+    assert entry["seeds"] == 3 and abs(entry["pass@1"] - 0.42) < 1e-12 and abs(entry["spread"] - 0.02) < 1e-12
+    assert abs(entry["by_group"]["1"] - 0.85) < 1e-12 and abs(entry["by_group_spread"]["1"] - 0.05) < 1e-12
+    single = rounds.student_entry([ev(0.3, 0.5)])
+    assert single == {"pass@1": 0.3, "by_group": {"1": 0.5}}  # one seed: no spread claimed
+    row = {"round": 1, "teacher": "t", "problems": 3, "teacher_pass_rate": 0.5, "curriculum_rows": 2, "pairs": 0,
+           "students": {"base": single, "sft": entry}}
+    lines = rounds.table([row]).splitlines()
+    assert lines[1].split()[-2:] == ["30.0%", "50.0%"]
+    assert lines[2].split()[-2:] == ["42.0±2.0%", "85.0±5.0%"]
+    assert "sft 3" in lines[-1] and "standard deviation" in lines[-1]

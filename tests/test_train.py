@@ -216,7 +216,7 @@ def test_gpu_recipes_dry_run_without_weights(name, full_run, teacher_dir):
     assert report["order"]["examples_per_step"] >= 16 and report["order"]["steps"] >= 1
     if kind == "sft":
         assert recipe.model.config_overrides["max_position_embeddings"] >= recipe.data.max_length
-        assert recipe.data.order.strategy in ("sorted", "staged", "pacing")
+        assert recipe.data.order.strategy in ("shuffled", "sorted", "staged", "pacing", "replay", "hard_weighted")
     else:
         sft = train.load_recipe("sft", ROOT / "recipes" / "sft_qwen2.5-math-1.5b.yaml")
         assert recipe.model.path == recipe.dpo.ref_model == sft.train.output_dir  # DPO starts from the SFT output

@@ -72,6 +72,20 @@ def header(run_dir: Path, manifest: dict) -> dict:
             "tags": ["reasoning", "distillation", "synthetic", "curriculum", "dpo"], "size_categories": [size]}
 
 
+def topup_lines(cfg: dict | None, stage: dict | None, rollout: dict) -> list[str]:
+    """The top-up's sampling and what it cost, beside the rollout's (nothing without a top-up)."""
+    if not cfg or not stage:
+        return []
+    c, tokens = stage.get("topup", {}), stage.get("generated_tokens", 0)
+    share = f" (+{100 * tokens / rollout['generated_tokens']:.1f}% over the rollout)" if rollout.get("generated_tokens") else ""
+    return [f"- top-up (difficulty-aware sampling): problems with a first-K pass rate in ({cfg['min_pass_rate']}, "
+            f"{cfg['max_pass_rate']}] sampled again in waves of {cfg['wave_size']} until {cfg['target_correct']} correct "
+            f"traces or {cfg['max_samples']} samples; pass rates stay those of the first K",
+            f"- top-up: {c.get('sampled', 0):,} of {c.get('in_band', 0):,} problems in the band sampled again, "
+            f"{c.get('traces', 0):,} more traces ({c.get('correct', 0):,} correct), {c.get('reached_target', 0):,} "
+            f"reached the target; generated {tokens:,} tokens{share}"]
+
+
 def card(run_dir: Path, manifest: dict) -> str:
     cfg = manifest["config"]
     engine, rollout, grade, curate = cfg["engine"], cfg["rollout"], cfg["grade"], cfg["curate"]
@@ -99,7 +113,8 @@ def card(run_dir: Path, manifest: dict) -> str:
         f"- {rollout['num_traces']} traces per problem, temperature {rollout['temperature']}, top_p {rollout['top_p']}, "
         f"max_tokens {rollout['max_tokens']}, prompt format `{rollout['prompt_format']}`, seed {rollout['seed']}",
         f"- generated {ro.get('generated_tokens', 0):,} tokens"
-        + (f" at {ro['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in ro else ""), "",
+        + (f" at {ro['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in ro else ""),
+        *topup_lines(cfg.get("topup"), stages.get("topup"), ro), "",
         "## Grading", "",
         "- final answer: the last `\\boxed{}`, else `<answer>...</answer>`, else \"the answer is ...\""
         + "".join(f", else `{p}`" for p in grade["answer_patterns"])
@@ -130,6 +145,8 @@ def card(run_dir: Path, manifest: dict) -> str:
     t = manifest.get("tokens", {})
     if t:
         lines += ["## Teacher tokens", "", f"- prompt: {t['prompt']:,}", f"- generated: {t['completion']:,}"]
+        if "topup" in t:
+            lines.append(f"- of which the top-up: {t['topup']['prompt']:,} prompt, {t['topup']['completion']:,} generated")
         if "cost" in t:
             lines.append(f"- estimated cost: {t['cost']:,.2f} {t['currency']} "
                          f"({engine['price']['prompt_per_million']} / {engine['price']['completion_per_million']} "

@@ -1,18 +1,19 @@
 """`factory run`: the stages of a recipe, in order, resumable.
 
-    ingest [-> rewrite] [-> dedup] [-> decontam] -> rollout -> grade [-> judge] [-> score] -> curate
+    ingest [-> rewrite] [-> dedup] [-> decontam] -> rollout -> grade [-> topup] [-> judge] [-> score] -> curate
                                                                   (RUN = run.output_dir)
 
 Intermediate tables live in RUN/stages/<stage>/ as numbered shards (factory.store); the
 products are RUN/curriculum/, RUN/pairs/, RUN/rejected/<stage>/, RUN/difficulty.parquet and
 RUN/manifest.json. ingest, dedup and decontam are global (a duplicate can sit in any shard)
 and cut their output into shards; rewrite, rollout, grade, judge and score map over shards, so a
-killed run redoes at most the shards it was writing. On the local executor rollout streams
+killed run redoes at most the shards it was writing (topup, a map stage too, sends more samples
+to the problems the teacher rarely solves: factory.stages.topup). On the local executor rollout streams
 every pending shard through one engine (`factory.run.continuous`: per-problem durability,
 no idle teacher at shard ends); executor=ray maps shards over actors
 (`factory.run.ray_executor`). curate maps over the graded shards (a problem's traces are all
 in one), then merges their sorted outputs into the products. The optional stages (rewrite,
-dedup, decontam, judge, score) run when the recipe has their section.
+dedup, decontam, topup, judge, score) run when the recipe has their section.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from factory.run.ray_executor import RayConfig
 from factory.stages.judge import JudgeConfig, judge_table
 from factory.stages.rewrite import RewriteConfig, rewrite_table
 from factory.stages.rollout import RolloutConfig, prompt_messages, rollout_table
+from factory.stages.topup import TopupConfig, topup_table
 from prm.score import ScoreConfig
 
 
@@ -70,6 +72,9 @@ class Recipe:
     """N-gram overlap removal against benchmark questions; absent: no check."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     grade: GradeConfig = field(default_factory=GradeConfig)
+    topup: TopupConfig | None = None
+    """More samples, in waves, for problems whose first-K pass rate is low but not zero (after
+    grade); absent: K traces per problem."""
     judge: JudgeConfig | None = None
     """An LLM judge for traces the grader could not settle (after grade); absent: no judge stage."""
     score: ScoreConfig | None = None
@@ -258,6 +263,8 @@ class Runner:
                 return graded, schema.table(dropped, schema.REJECTED), \
                     {"verdicts": {v: verdicts.count(v) for v in set(verdicts)}, **labels}
             return fn
+        if name == "topup":
+            return lambda t: topup_table(t, r.topup, r.rollout, self.engine, r.grade, self.grade_pool)
         if name == "judge":
             def fn(t: pa.Table):
                 judged, counts = judge_table(t, r.judge, self.judge)
@@ -368,6 +375,15 @@ class Runner:
     def run_grade(self, upstream: store.StageDir) -> store.StageDir:
         return self.run_map("grade", upstream, self.recipe.grade)
 
+    def run_topup(self, upstream: store.StageDir) -> store.StageDir:
+        from factory.stages.topup import check
+
+        r = self.recipe
+        check(r.topup, r.rollout)
+        extra = (r.engine.model, r.engine.dtype, r.engine.max_model_len, config_mod.to_dict(r.rollout),
+                 config_mod.to_dict(r.grade))
+        return self.run_map("topup", upstream, r.topup, extra_fp=extra)
+
     def run_judge(self, upstream: store.StageDir) -> store.StageDir:
         from factory.stages.judge import check
 
@@ -438,6 +454,8 @@ class Runner:
                 problems = stages[name] = getattr(self, f"run_{name}")(problems)
         traces = stages["rollout"] = self.run_rollout(problems)
         graded = stages["grade"] = self.run_grade(traces)
+        if self.recipe.topup is not None:
+            graded = stages["topup"] = self.run_topup(graded)
         if self.recipe.judge is not None:
             graded = stages["judge"] = self.run_judge(graded)
         if self.recipe.score is not None:
@@ -535,6 +553,9 @@ def token_totals(counts: dict, price) -> dict:
     prompt = sum(c.get("prompt_tokens", 0) for c in counts.values())
     completion = sum(c.get("generated_tokens", 0) for c in counts.values())
     out = {"prompt": prompt, "completion": completion}
+    if "topup" in counts:  # the top-up's share, apart (it is in the totals too)
+        out["topup"] = {"prompt": counts["topup"].get("prompt_tokens", 0),
+                        "completion": counts["topup"].get("generated_tokens", 0)}
     if price is not None:
         out["cost"] = round(prompt / 1e6 * price.prompt_per_million + completion / 1e6 * price.completion_per_million, 4)
         out["currency"] = price.currency
@@ -572,7 +593,7 @@ def build_manifest(recipe: Recipe, stages: dict[str, store.StageDir], seconds: f
             if gen > 0:
                 entry["tokens_per_s"] = round(tokens / gen, 1)
         for key in ("verdicts", "prm_status", "rewrites", "duplicates", "contaminated_by", "unlabeled", "judge",
-                    "retries", "failures"):  # stages' own counts
+                    "topup", "retries", "failures"):  # stages' own counts
             if any(key in s for s in shards):
                 total: dict[str, int] = {}
                 for s in shards:

@@ -4,6 +4,7 @@ with the curriculum shard index (`inspect`, what `factory inspect RUN` prints)."
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 
@@ -86,43 +87,88 @@ def legend(names: list[str], h: int, pad: int, spacing: int) -> list[str]:
             f'<text x="{pad + j * spacing + 14}" y="{h + 33}">{name}</text>' for j, name in enumerate(names)]
 
 
-def svg_bars(title: str, labels: list[str], series: dict[str, list[float]], pct: bool = True) -> str:
-    """A grouped bar chart as inline SVG (no plotting library needed)."""
-    w, h, pad = 640, 240, 30
+def nice_ticks(top: float, pct: bool) -> list[float]:
+    """Tick values from 0 to at least `top`: 4-5 steps of 1, 2 or 5 x 10^k (whole percents for shares)."""
+    if top <= 0:
+        return [0.0, 1.0]
+    raw = top / 4
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    return [round(i * step, 12) for i in range(int(math.ceil(top / step - 1e-9)) + 1)]
+
+
+def fmt_value(v: float, pct: bool) -> str:
+    return f"{100 * v:.1f}%" if pct else (f"{v:g}" if abs(v) < 1e4 else f"{v:,.0f}")
+
+
+def y_axis(ticks: list[float], pct: bool, x: float, w: float, y) -> list[str]:
+    """A left axis with labelled ticks and faint grid lines across the plot."""
+    out = [f'<line x1="{x}" y1="{y(0)}" x2="{x}" y2="{y(ticks[-1])}" stroke="#999"/>']
+    for t in ticks:
+        label = f"{100 * t:g}%" if pct else f"{t:g}"
+        out.append(f'<line x1="{x - 4}" y1="{y(t):.1f}" x2="{w}" y2="{y(t):.1f}" stroke="#eee"/>'
+                   f'<text x="{x - 6}" y="{y(t) + 4:.1f}" text-anchor="end">{label}</text>')
+    return out
+
+
+def svg_bars(title: str, labels: list[str], series: dict[str, list[float]], pct: bool = True,
+             ylabel: str | None = None) -> str:
+    """A grouped bar chart as inline SVG (no plotting library needed): a y axis with ticks, each
+    bar's value written over it, the category under each group and a legend."""
+    w, h, left, right = 640, 240, 52, 10
     n, k = len(labels), len(series)
-    top = max([v for vs in series.values() for v in vs] + [1e-9])
-    bw = (w - 2 * pad) / max(1, n) / (k + 1)
+    ticks = nice_ticks(max([v for vs in series.values() for v in vs] + [0.0]), pct)
+    top = ticks[-1]
+
+    def y(v):
+        return h - (h - 40) * v / top
+    bw = (w - left - right) / max(1, n) / (k + 1)
+    small = 9 if bw < 26 else 10  # value labels narrower than their bar would collide
     parts = [f'<svg width="{w}" height="{h + 40}" xmlns="http://www.w3.org/2000/svg" font-size="11">',
-             f'<text x="{pad}" y="14" font-weight="bold">{title}</text>']
+             f'<text x="{left}" y="14" font-weight="bold">{title}</text>']
+    parts += y_axis(ticks, pct, left, w - right, y)
+    if ylabel or pct:
+        parts.append(f'<text x="12" y="{(h + 40) / 2}" transform="rotate(-90 12 {(h + 40) / 2})" '
+                     f'text-anchor="middle">{ylabel or "pass rate"}</text>')
+    parts.append(f'<line x1="{left}" y1="{h}" x2="{w - right}" y2="{h}" stroke="#999"/>')
     for i, lab in enumerate(labels):
-        x0 = pad + i * (k + 1) * bw
-        parts.append(f'<text x="{x0 + k * bw / 2}" y="{h + 15}" text-anchor="middle">{lab}</text>')
+        x0 = left + bw / 2 + i * (k + 1) * bw
+        parts.append(f'<text x="{x0 + k * bw / 2:.1f}" y="{h + 15}" text-anchor="middle">{lab}</text>')
         for j, (name, vals) in enumerate(series.items()):
             v = vals[i] if i < len(vals) else 0
-            bh = (h - 40) * v / top
-            shown = f"{100 * v:.1f}%" if pct else f"{v}"
-            parts.append(f'<rect x="{x0 + j * bw}" y="{h - bh}" width="{bw - 1}" height="{bh}" fill="{COLORS[j % 5]}">'
-                         f'<title>{name}: {shown}</title></rect>')
-    return "\n".join(parts + legend(list(series), h, pad, 130) + ["</svg>"])
+            shown = fmt_value(v, pct)
+            parts.append(f'<rect x="{x0 + j * bw:.1f}" y="{y(v):.1f}" width="{bw - 1:.1f}" height="{h - y(v):.1f}" '
+                         f'fill="{COLORS[j % 5]}"><title>{name}: {shown}</title></rect>'
+                         f'<text x="{x0 + j * bw + (bw - 1) / 2:.1f}" y="{y(v) - 3:.1f}" text-anchor="middle" '
+                         f'font-size="{small}">{shown.rstrip("%") if pct and bw < 26 else shown}</text>')
+    return "\n".join(parts + legend(list(series), h, left, 130) + ["</svg>"])
 
 
 def svg_lines(title: str, xs: list[float], series: dict[str, list[float]], xlabel: str = "step") -> str:
-    """A line chart as inline SVG (a training curve: y from 0 to the largest value)."""
-    w, h, pad = 640, 240, 40
-    top = max([v for vs in series.values() for v in vs] + [1e-9])
+    """A line chart as inline SVG (a training curve: y from 0 to the largest value), with both
+    axes ticked and each series' last value written at its end."""
+    w, h, left, right = 640, 240, 52, 48
+    ticks = nice_ticks(max([v for vs in series.values() for v in vs] + [0.0]), False)
+    top = ticks[-1]
     x_lo, x_hi = (min(xs), max(xs)) if xs else (0, 1)
     def x(v):
-        return pad + (w - 2 * pad) * (v - x_lo) / ((x_hi - x_lo) or 1)
+        return left + (w - left - right) * (v - x_lo) / ((x_hi - x_lo) or 1)
     def y(v):
         return h - (h - 40) * v / top
     parts = [f'<svg width="{w}" height="{h + 40}" xmlns="http://www.w3.org/2000/svg" font-size="11">',
-             f'<text x="{pad}" y="14" font-weight="bold">{title}</text>',
-             f'<line x1="{pad}" y1="{h}" x2="{w - pad}" y2="{h}" stroke="#999"/>',
-             f'<text x="{pad}" y="{h + 15}">{x_lo:g}</text>',
-             f'<text x="{w - pad}" y="{h + 15}" text-anchor="end">{xlabel} {x_hi:g}</text>',
-             f'<text x="4" y="{y(top) + 4}">{top:.2f}</text>']
+             f'<text x="{left}" y="14" font-weight="bold">{title}</text>',
+             f'<line x1="{left}" y1="{h}" x2="{w - right}" y2="{h}" stroke="#999"/>']
+    parts += y_axis(ticks, False, left, w - right, y)
+    for t in nice_ticks(x_hi - x_lo, False) if xs else []:
+        if x_lo + t <= x_hi:
+            parts.append(f'<line x1="{x(x_lo + t):.1f}" y1="{h}" x2="{x(x_lo + t):.1f}" y2="{h + 4}" stroke="#999"/>'
+                         f'<text x="{x(x_lo + t):.1f}" y="{h + 15}" text-anchor="middle">{x_lo + t:g}</text>')
+    parts.append(f'<text x="{w - right}" y="{h + 28}" text-anchor="end">{xlabel}</text>')
     for j, (name, vals) in enumerate(series.items()):
         points = " ".join(f"{x(a):.1f},{y(b):.1f}" for a, b in zip(xs, vals))
         parts.append(f'<polyline points="{points}" fill="none" stroke="{COLORS[j % 5]}" stroke-width="2">'
                      f'<title>{name}</title></polyline>')
-    return "\n".join(parts + legend(list(series), h, pad, 150) + ["</svg>"])
+        if xs and vals:
+            parts.append(f'<text x="{x(xs[len(vals) - 1]) + 4:.1f}" y="{y(vals[-1]) + 4:.1f}" '
+                         f'fill="{COLORS[j % 5]}">{vals[-1]:.3g}</text>')
+    return "\n".join(parts + legend(list(series), h + 12, left, 150) + ["</svg>"])

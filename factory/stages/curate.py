@@ -7,7 +7,9 @@ Out: curriculum rows (schema.CURRICULUM) in easy -> hard order, DPO pairs (schem
 Every trace ends in exactly one place: a curriculum row, or the rejected table with why
 (its problem outside the keep band, a wrong verdict, truncated, bad format, failed by the
 PRM (prm_pass false, set by the score stage), or not selected among the problem's correct
-traces). The pass rate counts every correct trace, whatever the PRM says. Pairs are a second view over the same traces: a
+traces). The pass rate counts every correct trace of the problem's first K, whatever the PRM
+says; a top-up stage's extra traces (topup_wave >= 1) leave it alone and compete for the SFT
+rows and pairs like the first K. Pairs are a second view over the same traces: a
 correct trace that passed the quality filters against an incorrect one of the same problem.
 """
 
@@ -42,6 +44,9 @@ class CurateConfig:
     """Drop correct traces without a closed <think> block followed by an answer."""
     max_traces_per_problem: int = 4
     """M: correct traces kept per problem for SFT."""
+    max_traces_topped_up: int | None = None
+    """Correct traces kept for a problem the top-up stage sampled again (None: max_traces_per_problem).
+    DART-Math's point: the hard problems get more traces, not only one more chance at some."""
     selection: str = "shortest"
     """Which correct traces to keep: shortest | random | prm (highest prm_column)."""
     prm_column: str = "prm_mean"
@@ -124,18 +129,21 @@ def curate_table(graded: pa.Table, cfg: CurateConfig, prompt_fn: Callable[[str],
 
     for pid in sorted(by_problem):
         traces = sorted(by_problem[pid], key=lambda t: t["sample_index"])
-        n_correct = sum(verdict(t) == "correct" for t in traces)
-        pass_rate = n_correct / len(traces)
+        first = [t for t in traces if not t.get("topup_wave")]  # the first K: the pass rate's sample
+        topped = len(traces) - len(first)
+        n_correct = sum(verdict(t) == "correct" for t in first)
+        pass_rate = n_correct / len(first)
         difficulty = 1.0 - pass_rate
-        num_failed = max(0, num_samples - len(traces)) if num_samples else 0
-        stats = {"num_traces": len(traces), "num_failed": num_failed, "num_correct": n_correct, "pass_rate": pass_rate,
+        num_failed = max(0, num_samples - len(first)) if num_samples else 0  # of the first K only
+        stats = {"num_traces": len(first), "num_failed": num_failed, "num_correct": n_correct, "pass_rate": pass_rate,
                  "difficulty": difficulty, "difficulty_bucket": bucket_of(difficulty, cfg.difficulty_buckets)}
         in_band = cfg.min_pass_rate <= pass_rate <= cfg.max_pass_rate
         incomplete = cfg.drop_incomplete and num_failed > 0
         problems.append({"problem_id": pid, "source": traces[0]["source"], "split": traces[0]["split"],
                          "level": traces[0].get("level"), "origin": traces[0].get("origin"),
                          "parent_problem_id": traces[0].get("parent_problem_id"), "in_band": in_band and not incomplete,
-                         **stats})
+                         **stats, "topup_traces": topped,
+                         "topup_correct": sum(verdict(t) == "correct" for t in traces) - n_correct})
         if incomplete:
             for t in traces:
                 drop(t, "incomplete_samples", f"{num_failed} of {num_samples} samples failed at the server; "
@@ -172,10 +180,11 @@ def curate_table(graded: pa.Table, cfg: CurateConfig, prompt_fn: Callable[[str],
             ranked = rng.sample(good, len(good))
         else:
             ranked = sorted(good, key=lambda t: (-(t[cfg.prm_column] or 0.0), t["sample_index"]))
-        for t in ranked[cfg.max_traces_per_problem:]:
-            drop(t, "not_selected", f"beyond the {cfg.max_traces_per_problem} kept by selection={cfg.selection}")
+        m = cfg.max_traces_per_problem if not topped or cfg.max_traces_topped_up is None else cfg.max_traces_topped_up
+        for t in ranked[m:]:
+            drop(t, "not_selected", f"beyond the {m} kept by selection={cfg.selection}")
         prompt = prompt_fn(traces[0]["question"])
-        for t in ranked[: cfg.max_traces_per_problem]:
+        for t in ranked[:m]:
             keep.append({**t, **stats, "prompt": prompt,
                          "completion": [{"role": "assistant", "content": t["text"]}]})
         bad = [t for t in traces if verdict(t) in cfg.rejected_verdicts]
@@ -183,7 +192,8 @@ def curate_table(graded: pa.Table, cfg: CurateConfig, prompt_fn: Callable[[str],
             pairs.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": g["text"]}],
                           "rejected": [{"role": "assistant", "content": b["text"]}], "problem_id": pid,
                           "chosen_trace_id": g["trace_id"], "rejected_trace_id": b["trace_id"],
-                          "rejected_verdict": verdict(b), "source": g["source"], **stats})
+                          "rejected_verdict": verdict(b), "source": g["source"], **stats,
+                          "chosen_topup_wave": g.get("topup_wave")})
     keep.sort(key=lambda r: (r["difficulty"], r["problem_id"], r["num_tokens"], r["trace_id"]))
     pairs.sort(key=lambda r: (r["difficulty"], r["problem_id"]))
     # score-stage, judge and rewrite-check columns travel on, and the symbolic verdict beside the judge's
@@ -193,6 +203,7 @@ def curate_table(graded: pa.Table, cfg: CurateConfig, prompt_fn: Callable[[str],
     curriculum = schema.table(keep, pa.schema(list(schema.CURRICULUM) + extra))
     difficulty_schema = pa.schema([("problem_id", pa.string()), ("source", pa.string()), ("split", pa.string()),
                                    ("level", pa.int32()), ("origin", pa.string()), ("parent_problem_id", pa.string()),
-                                   ("in_band", pa.bool_())] + [pa.field(n, t) for n, t in schema.DIFFICULTY_COLUMNS])
+                                   ("in_band", pa.bool_())] + [pa.field(n, t) for n, t in schema.DIFFICULTY_COLUMNS]
+                                  + [pa.field("topup_traces", pa.int32()), pa.field("topup_correct", pa.int32())])
     return (curriculum, schema.table(pairs, schema.PAIRS), schema.table(problems, difficulty_schema),
             schema.table(rejected, schema.REJECTED))

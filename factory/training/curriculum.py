@@ -13,6 +13,17 @@ Strategies:
     pacing    competence-based (Platanios et al., 2019): at training progress p the batch is
               drawn from the easiest c(p) share of the rows, where c grows from
               `initial_competence` to 1 (sqrt: c = sqrt(p(1 - c0^2) + c0^2); linear: c0 + p(1 - c0)).
+    replay    easy -> hard by buckets with replay of the earlier ones: the rows are cut into
+              `buckets` equal slices of the curriculum order; each epoch walks them easy -> hard,
+              and each phase holds its bucket's rows plus `replay` times as many rows redrawn
+              from the earlier buckets (shuffled together), so what was learnt first keeps
+              coming back (the rehearsal of continual learning) while the course still climbs.
+              Replayed rows are extra examples: an epoch is n + replay x (rows after bucket 0).
+    hard_weighted  each row seen in proportion to 1 + hard_weight x difficulty, in random order
+              (s1 / LIMO: the hard problems carry the signal): the same number of examples as
+              shuffled (n per epoch), more of them on hard rows and fewer on easy ones; a row's
+              count is its expected count rounded by systematic sampling, so the counts are
+              exact, not a noisy draw.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
-STRATEGIES = ("sorted", "shuffled", "staged", "pacing")
+STRATEGIES = ("sorted", "shuffled", "staged", "pacing", "replay", "hard_weighted")
 
 
 @dataclass
@@ -39,17 +50,25 @@ class Stage:
 @dataclass
 class OrderConfig:
     strategy: str = "sorted"
-    """sorted | shuffled | staged | pacing (see factory.training.curriculum)."""
+    """sorted | shuffled | staged | pacing | replay | hard_weighted (see factory.training.curriculum)."""
     epochs: int = 1
-    """Passes over the data for sorted, shuffled and pacing (staged sets epochs per stage)."""
+    """Passes over the data for sorted, shuffled, pacing, replay and hard_weighted (staged sets
+    epochs per stage)."""
     stages: list[Stage] = field(default_factory=lambda: [Stage(), Stage(min_difficulty=0.5)])
     """strategy=staged: the stages in order (default: everything, then the harder half)."""
     pacing: str = "sqrt"
     """strategy=pacing: competence curve, sqrt | linear."""
     initial_competence: float = 0.2
     """strategy=pacing: share of the (easiest) rows available at the first step."""
+    buckets: int = 4
+    """strategy=replay: equal slices of the curriculum order, walked easy -> hard."""
+    replay: float = 0.25
+    """strategy=replay: rows redrawn from the earlier buckets per row of the current one."""
+    hard_weight: float = 1.0
+    """strategy=hard_weighted: a row's weight is 1 + hard_weight x difficulty (0: shuffled's counts;
+    1: a difficulty-1 row is seen twice as often as a difficulty-0 one)."""
     seed: int = 0
-    """Seed of shuffling and of pacing's draws."""
+    """Seed of shuffling and of pacing's, replay's and hard_weighted's draws."""
     group_by_length: int = 0
     """Regroup each window of this many optimizer steps by length: the window's rows sorted by
     length, cut into micro-batches, the batches shuffled. Padding drops (a random batch of the
@@ -78,6 +97,10 @@ def check(cfg: OrderConfig) -> None:
         competence(0.0, cfg.initial_competence, cfg.pacing)
         if not 0.0 < cfg.initial_competence <= 1.0:
             raise ValueError(f"initial_competence={cfg.initial_competence}; must be in (0, 1]")
+    if cfg.strategy == "replay" and (cfg.buckets < 1 or cfg.replay < 0):
+        raise ValueError(f"buckets={cfg.buckets}, replay={cfg.replay}; replay needs buckets >= 1 and replay >= 0")
+    if cfg.strategy == "hard_weighted" and cfg.hard_weight < 0:
+        raise ValueError(f"hard_weight={cfg.hard_weight}; must be >= 0 (0 is shuffled)")
     if cfg.group_by_length < 0:
         raise ValueError(f"group_by_length={cfg.group_by_length}; use 0 (off) or a number of steps")
 
@@ -141,6 +164,10 @@ def _order(difficulty: list[float], cfg: OrderConfig, batch_size: int) -> list[i
             for _ in range(s.epochs):
                 order += rng.sample(members, len(members)) if s.shuffle else members
         return order
+    if cfg.strategy == "replay":
+        return _replay(n, cfg, rng)
+    if cfg.strategy == "hard_weighted":
+        return _hard_weighted(difficulty, cfg, rng)
     # pacing: as many examples as `epochs` passes, each step drawn from the allowed prefix
     total = n * cfg.epochs
     n_steps = max(1, math.ceil(total / batch_size))
@@ -148,4 +175,43 @@ def _order(difficulty: list[float], cfg: OrderConfig, batch_size: int) -> list[i
     for t, limit in enumerate(pacing_limits(n, n_steps, batch_size, cfg)):
         size = min(batch_size, total - len(order))
         order += sorted(rng.sample(range(limit), min(size, limit)))
+    return order
+
+
+def bucket_bounds(n: int, buckets: int) -> list[tuple[int, int]]:
+    """[start, end) of `buckets` near-equal slices of n rows in curriculum order (empty ones left out)."""
+    edges = [round(b * n / buckets) for b in range(buckets + 1)]
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+def _replay(n: int, cfg: OrderConfig, rng: random.Random) -> list[int]:
+    order = []
+    for _ in range(cfg.epochs):
+        for start, end in bucket_bounds(n, cfg.buckets):
+            phase = list(range(start, end))
+            k = min(start, round(cfg.replay * (end - start)))  # without repeats within a phase
+            phase += rng.sample(range(start), k)
+            rng.shuffle(phase)
+            order += phase
+    return order
+
+
+def hard_counts(difficulty: list[float], cfg: OrderConfig, rng: random.Random) -> list[int]:
+    """Examples per row for hard_weighted: n x epochs in all, row i's share proportional to
+    1 + hard_weight x difficulty[i], rounded by systematic sampling (each count is the floor or
+    the ceiling of the expected count, and they sum to the total)."""
+    weights = [1.0 + cfg.hard_weight * d for d in difficulty]
+    total, mass = len(difficulty) * cfg.epochs, sum(weights)
+    counts, cum, prev, u = [], 0.0, 0, rng.random()
+    for i, w in enumerate(weights):
+        cum += w
+        edge = total if i == len(weights) - 1 else math.floor(total * cum / mass + u)  # the last edge exact
+        counts.append(edge - prev)
+        prev = edge
+    return counts
+
+
+def _hard_weighted(difficulty: list[float], cfg: OrderConfig, rng: random.Random) -> list[int]:
+    order = [i for i, c in enumerate(hard_counts(difficulty, cfg, rng)) for _ in range(c)]
+    rng.shuffle(order)
     return order

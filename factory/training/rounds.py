@@ -60,6 +60,10 @@ class RoundsConfig:
     shuffled_control: bool = False
     """Round 1 also trains the same SFT in shuffled order (`sft-shuffled`, evaluated, not handed
     on): the curriculum order's effect, measured."""
+    seeds: int = 1
+    """Train every step (and the shuffled control) this many times, with train.seed + 0, 1, ...,
+    each evaluated; the table gives mean ± spread (sample standard deviation) over them, and
+    seed 0's student is the one handed on."""
     student_from: str = "previous"
     """Round r+1's student starts from: previous (round r's last student) | base (rounds.student)."""
     next_problems: str = "all"
@@ -93,6 +97,8 @@ def check(cfg: RoundsConfig) -> None:
             raise ValueError(f"rounds.{name}={steps}; a list of {', '.join(STEPS)}")
     if cfg.shuffled_control and "sft" not in cfg.train:
         raise ValueError("rounds.shuffled_control needs an sft step in rounds.train")
+    if cfg.seeds < 1:
+        raise ValueError(f"rounds.seeds={cfg.seeds}; at least 1")
     if cfg.student_from not in ("previous", "base"):
         raise ValueError(f"rounds.student_from={cfg.student_from!r}; use previous or base")
     if cfg.next_problems not in ("all", "unsolved"):
@@ -150,30 +156,58 @@ def unsolved_problems(run_dir: Path, out: Path) -> int:
     return table.num_rows
 
 
-def round_row(r: int, teacher: str, manifest: dict, evals: dict[str, dict], problems: int) -> dict:
+def mean_spread(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    m = sum(values) / len(values)
+    return m, (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+
+
+def student_entry(evals: list[dict]) -> dict:
+    """A student's pass@1 overall and per group: one eval, or the mean and spread over its seeds."""
+    overall = mean_spread([e["overall"].get("pass@1") for e in evals])
+    groups = {g for e in evals for g in e.get("groups", {})}
+    by = {g: mean_spread([e["groups"][g].get("pass@1") for e in evals if g in e.get("groups", {})]) for g in groups}
+    out = {"pass@1": overall[0], "by_group": {g: v[0] for g, v in by.items()}}
+    if len(evals) > 1:
+        out.update(seeds=len(evals), spread=overall[1], by_group_spread={g: v[1] for g, v in by.items()})
+    return out
+
+
+def round_row(r: int, teacher: str, manifest: dict, evals: dict[str, list[dict]], problems: int) -> dict:
+    """The round's table row; `evals` holds each student's evaluations, one per seed."""
     verdicts = manifest["stages"]["grade"].get("verdicts", {})
     traces = sum(verdicts.values())
     return {"round": r, "teacher": teacher, "problems": problems,
             "teacher_pass_rate": round(verdicts.get("correct", 0) / traces, 4) if traces else None,
             "curriculum_rows": sum(s["rows"] for s in manifest["curriculum"]),
             "pairs": manifest["stages"]["curate"].get("pairs"),
-            "students": {name: {"pass@1": e["overall"].get("pass@1"),
-                                "by_group": {g: m.get("pass@1") for g, m in e.get("groups", {}).items()}}
-                         for name, e in evals.items()}}
+            "students": {name: student_entry(e) for name, e in evals.items()}}
+
+
+def _pct(value: float | None, spread: float | None, width: int) -> str:
+    if value is None:
+        return f"{'-':>{width}}"
+    return f"{f'{100 * value:.1f}±{100 * spread:.1f}%' if spread is not None else f'{100 * value:.1f}%':>{width}}"
 
 
 def table(rows: list[dict]) -> str:
     groups = sorted({g for row in rows for s in row["students"].values() for g in s["by_group"]},
                     key=evaluate._natural)
-    head = f"{'round':<6}{'student':<14}{'teacher pass':>13}{'curriculum':>11}{'pass@1':>8}" + "".join(f"{g:>10}" for g in groups)
+    seeded = any("seeds" in s for row in rows for s in row["students"].values())
+    w = 13 if seeded else 10  # room for "45.1±1.2%"
+    head = f"{'round':<6}{'student':<14}{'teacher pass':>13}{'curriculum':>11}{'pass@1':>{w - 2}}" \
+        + "".join(f"{g:>{w}}" for g in groups)
     lines = [head]
     for row in rows:
         for name, s in row["students"].items():
             tp = row["teacher_pass_rate"]
+            spread = s.get("by_group_spread", {})
             lines.append(f"{row['round']:<6}{name:<14}{'' if tp is None else f'{100 * tp:.1f}%':>13}"
-                         f"{row['curriculum_rows']:>11}{100 * s['pass@1']:>7.1f}%"
-                         + "".join(f"{100 * s['by_group'][g]:>9.1f}%" if s["by_group"].get(g) is not None else f"{'-':>10}"
-                                   for g in groups))
+                         f"{row['curriculum_rows']:>11}" + _pct(s["pass@1"], s.get("spread"), w - 2)
+                         + "".join(_pct(s["by_group"].get(g), spread.get(g), w) for g in groups))
+    if seeded:
+        lines.append("(mean ± sample standard deviation over the seeds; seeds per student: "
+                     + ", ".join(f"{n} {s['seeds']}" for n, s in rows[0]["students"].items() if "seeds" in s) + ")")
     return "\n".join(lines)
 
 
@@ -229,20 +263,30 @@ def run_loop(recipe: RoundsRecipe, engine: Engine | None = None, log: Callable[[
             manifest = pipeline.run(p, engine=engines.get(p.engine, teacher, rdir / "run")
                                     if p.engine.backend == "vllm" else None, log=log)
             trained: dict[str, str] = {"base": student} if r == 1 and cfg.eval_start else {}
+            seeded: dict[str, list[str]] = {}  # a student's other seeds, evaluated beside it
             current = student
             for step in (cfg.train if r == 1 or cfg.later_train is None else cfg.later_train):
-                current = trained[step] = train_step(recipe, step, current, rdir, log)
+                start, current = current, train_step(recipe, step, current, rdir, log)
+                trained[step] = current
+                seeded[step] = [train_step(recipe, step, start, rdir, log, seed=k) for k in range(1, cfg.seeds)]
             if r == 1 and cfg.shuffled_control:
                 trained["sft-shuffled"] = train_step(recipe, "sft", student, rdir, log, shuffled=True)
-            evals = {}
-            for name, model in trained.items():
+                seeded["sft-shuffled"] = [train_step(recipe, "sft", student, rdir, log, shuffled=True, seed=k)
+                                          for k in range(1, cfg.seeds)]
+            evals: dict[str, list[dict]] = {}
+            for name, model in list(trained.items()) + \
+                    [(n, m) for n, ms in seeded.items() for m in ms]:
                 e = config_mod.from_dict(evaluate.EvalRecipe, config_mod.to_dict(recipe.eval))
                 e.engine.model, e.run.output_dir = model, str(rdir / "eval" / name)
                 done_eval = Path(e.run.output_dir) / "eval.json"
+                if model != trained[name]:  # another seed of the student
+                    e.run.output_dir = str(rdir / "eval" / f"{name}-{Path(model).name.rsplit('-', 1)[-1]}")
+                    done_eval = Path(e.run.output_dir) / "eval.json"
                 if done_eval.exists() and json.loads(done_eval.read_text()).get("model") == model:
-                    evals[name] = json.loads(done_eval.read_text())
+                    evals.setdefault(name, []).append(json.loads(done_eval.read_text()))
                     continue
-                evals[name] = evaluate.evaluate(e, engine=engines.get(e.engine, model, Path(e.run.output_dir)), log=log)
+                evals.setdefault(name, []).append(
+                    evaluate.evaluate(e, engine=engines.get(e.engine, model, Path(e.run.output_dir)), log=log))
             row = round_row(r, teacher, manifest, evals, manifest["stages"]["ingest"]["out"])
             row["reward_history"] = {name: json.loads((Path(model) / "factory_train.json").read_text())["reward_history"]
                                      for name, model in trained.items() if name.startswith("grpo")}
@@ -261,21 +305,26 @@ def run_loop(recipe: RoundsRecipe, engine: Engine | None = None, log: Callable[[
     return rows
 
 
-def train_step(recipe: RoundsRecipe, step: str, model: str, rdir: Path, log, shuffled: bool = False) -> str:
-    """Train `model` with the round's data; a finished step (its factory_train.json) is reused."""
-    out = rdir / f"student-{step}{'-shuffled' if shuffled else ''}"
+def train_step(recipe: RoundsRecipe, step: str, model: str, rdir: Path, log, shuffled: bool = False,
+               seed: int = 0) -> str:
+    """Train `model` with the round's data (with train.seed + `seed`); a finished step (its
+    factory_train.json) is reused."""
+    out = rdir / f"student-{step}{'-shuffled' if shuffled else ''}{f'-seed{seed}' if seed else ''}"
     run_dir = str(rdir / "run")
     if (out / "factory_train.json").exists():
         return str(out)
     if step == "grpo":
         g = config_mod.from_dict(grpo_mod.GRPORecipe, config_mod.to_dict(recipe.grpo))
         g.model.path, g.data.run_dir, g.train.output_dir = model, run_dir, str(out)
+        g.train.seed += seed
         grpo_mod.train(g, log=log)
         return str(out)
     kind = step
     t = config_mod.from_dict(train_mod.SFTRecipe if kind == "sft" else train_mod.DPORecipe,
                              config_mod.to_dict(getattr(recipe, kind)))
     t.model.path, t.data.run_dir, t.train.output_dir = model, run_dir, str(out)
+    t.train.seed += seed
+    t.data.order.seed += seed  # the order's draws are part of what a seed varies
     if shuffled:
         t.data.order.strategy = "shuffled"
     if kind == "dpo":
