@@ -380,7 +380,7 @@ class Runner:
 
         r = self.recipe
         check(r.topup, r.rollout)
-        extra = (r.engine.model, r.engine.dtype, r.engine.max_model_len, config_mod.to_dict(r.rollout),
+        extra = (r.engine.model, r.engine.dtype, r.engine.max_model_len, products_config(r.rollout),
                  config_mod.to_dict(r.grade))
         return self.run_map("topup", upstream, r.topup, extra_fp=extra)
 
