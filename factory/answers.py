@@ -83,6 +83,13 @@ def all_boxed(text: str) -> list[str]:
     return out
 
 
+def as_completion(answer: str) -> str:
+    """An extracted answer as a completion that grades as exactly that answer (the vote compares
+    answers through the grader). An empty think block first: an answer that holds "</think>"
+    itself (a garbled trace's) must not split inside its own box."""
+    return f"{THINK_OPEN}{THINK_CLOSE}\\boxed{{{answer}}}"
+
+
 def answer_boxes(text: str) -> list[str]:
     """The boxed answers of a completion's answer part, in order, empty boxes left out.
 

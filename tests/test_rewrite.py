@@ -137,7 +137,6 @@ def test_rewrite_dedup_decontam_in_a_recipe(tmp_path, engine, rewriter, teacher_
         if reason in ("answer_changed", "low_agreement", "no_majority"):
             top, votes, unique = majority(rec["check_answers"])
             if reason == "no_majority":
-                print("NOMAJ", rec["check_answers"], rec.get("check_votes"))
                 assert not unique
             elif reason == "answer_changed":
                 assert unique and not same_answer(top, originals[rec["parent_problem_id"]]["answer"])

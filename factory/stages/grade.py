@@ -115,7 +115,7 @@ def equivalences(groups: list[tuple[list[str | None], str, list[str] | None]], g
         for i in range(len(items)):
             for j in range(i + 1, len(items)):
                 keys.append((items[i][0], items[j][0]))
-                jobs.append(GradeJob(f"\\boxed{{{items[i][1]}}}", items[j][1], domain, choices, grade))
+                jobs.append(GradeJob(answers.as_completion(items[i][1]), items[j][1], domain, choices, grade))
     out = {}
     for key, result in zip(keys, pool.map(jobs)):
         out[key] = isinstance(result, tuple) and result[0] == "correct"  # timeouts and errors: different

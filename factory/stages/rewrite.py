@@ -204,7 +204,7 @@ def rewrite_table(problems: pa.Table, cfg: RewriteConfig, rewriter: Engine, teac
     same = equivalences([(by_id[c["problem_id"]], c["domain"], c["choices"]) for c in checked], grade, pool)
     ranked = {c["problem_id"]: vote(by_id[c["problem_id"]], same) for c in checked}
     paraphrases = [c for c in checked if c["origin"] == "paraphrase" and ranked[c["problem_id"]]]
-    jobs = [GradeJob(f"\\boxed{{{ranked[c['problem_id']][0][0]}}}", c["answer"], c["domain"], c["choices"], grade)
+    jobs = [GradeJob(answers.as_completion(ranked[c["problem_id"]][0][0]), c["answer"], c["domain"], c["choices"], grade)
             for c in paraphrases]
     ref_ok = {c["problem_id"]: isinstance(r, tuple) and r[0] == "correct" for c, r in zip(paraphrases, pool.map(jobs))}
     accepted = []
