@@ -9,8 +9,8 @@ RUN/manifest.json. ingest, dedup and decontam are global (a duplicate can sit in
 and cut their output into shards; rewrite, rollout, grade, judge and score map over shards, so a
 killed run redoes at most the shards it was writing. On the local executor rollout streams
 every pending shard through one engine (`factory.run.continuous`: per-problem durability,
-no idle teacher at shard ends); executor=ray maps shards over actors
-(`factory.run.ray_executor`). curate maps over the graded shards (a problem's traces are all
+no idle teacher at shard ends); executor=ray does the same over engine replica actors and maps
+grade and score shards over actors (`factory.run.ray_executor`). curate maps over the graded shards (a problem's traces are all
 in one), then merges their sorted outputs into the products. The optional stages (rewrite,
 dedup, decontam, judge, score) run when the recipe has their section.
 """
@@ -114,6 +114,7 @@ class Runner:
         self._scorer = scorer
         self._rewriter = rewriter
         self._judge = judge
+        self._fleets: list = []  # engines this Runner started on Ray's replica actors (closed before a Ray Data stage)
         self._pool = None
         self.log = log
         self.stats: dict[str, dict] = {}
@@ -126,9 +127,32 @@ class Runner:
             from factory.engines import make_engine
 
             e = self.recipe.engine
+            if self.on_ray(e):
+                return self._start_engine(e, self.run_dir)
             self.log(f"starting vLLM with {e.model} ..." if e.backend == "vllm" else f"teacher server {e.server.base_url} ({e.model})")
             self._engine = make_engine(e, self.run_dir)
         return self._engine
+
+    def on_ray(self, e: EngineConfig) -> bool:
+        """Whether engine `e` runs on Ray's replica actors (executor=ray; a server is its own fleet)."""
+        return getattr(self.recipe, "executor", "local") == "ray" and e.backend != "server"
+
+    def _start_engine(self, e: EngineConfig, run_dir: Path, slot: str = "_engine") -> Engine:
+        """Engine `e` as an EngineFleet on Ray, kept in `slot` until release_fleets."""
+        from factory.run.ray_executor import engine_fleet
+
+        fleet = engine_fleet(self.recipe, e, run_dir, self.log)
+        setattr(self, slot, fleet)
+        self._fleets.append((slot, fleet))
+        return fleet
+
+    def release_fleets(self) -> None:
+        """Stop the engine fleets this Runner started (a later stage that needs one starts it again)."""
+        for slot, fleet in self._fleets:
+            fleet.close()
+            if getattr(self, slot) is fleet:
+                setattr(self, slot, None)
+        self._fleets = []
 
     @property
     def started_engine(self) -> Engine | None:
@@ -147,7 +171,10 @@ class Runner:
             from factory.engines import make_engine
 
             self.log(f"starting the judge {model} ...")
-            self._judge = make_engine(replace(self.recipe.engine, model=model), self.run_dir / "judge")
+            e = replace(self.recipe.engine, model=model)
+            if self.on_ray(e):
+                return self._start_engine(e, self.run_dir / "judge", "_judge")
+            self._judge = make_engine(e, self.run_dir / "judge")
         return self._judge
 
     @property
@@ -161,7 +188,10 @@ class Runner:
             from factory.engines import make_engine
 
             self.log(f"starting the rewriter {model} ...")
-            self._rewriter = make_engine(replace(self.recipe.engine, model=model), self.run_dir / "rewriter")
+            e = replace(self.recipe.engine, model=model)
+            if self.on_ray(e):
+                return self._start_engine(e, self.run_dir / "rewriter", "_rewriter")
+            self._rewriter = make_engine(e, self.run_dir / "rewriter")
         return self._rewriter
 
     # -- stages ----------------------------------------------------------------------------
@@ -279,7 +309,8 @@ class Runner:
         return self._pool
 
     def close(self) -> None:
-        """Stop the grading workers (engines passed in stay up: their owner closes them)."""
+        """Stop the grading workers and the engine fleets (engines passed in stay up: their owner closes them)."""
+        self.release_fleets()
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -303,9 +334,12 @@ class Runner:
             return sd
         n = upstream.num_shards()
         pending = [i for i in range(n) if not sd.is_done(i)]
-        if getattr(self.recipe, "executor", "local") == "ray":
+        summary = {}
+        if getattr(self.recipe, "executor", "local") == "ray" and name in ("grade", "score"):
             from factory.run.ray_executor import map_shards
 
+            if pending:
+                self.release_fleets()  # their CPUs / GPUs go to the stage's actors
             self.progress.begin(name, n, n - len(pending))
             map_shards(type(self), self.recipe, name, upstream.name, pending, self.log,
                        on_shard=lambda stats: self.progress.advance(1, **shard_counts(stats)))
@@ -319,12 +353,14 @@ class Runner:
             rollout_shards(sd, upstream, pending, self.recipe.rollout, engine,
                            on_seal=lambda i, stats: self.progress.add(shards=1),
                            on_problem=lambda k, traces, tokens: self.progress.advance(k, traces=traces, tokens=tokens))
+            if pending and hasattr(engine, "replicas"):  # an EngineFleet: what each replica did this launch
+                summary["replicas"] = engine.stats()
         else:
             self.progress.begin(name, n, n - len(pending))
             for i in pending:
                 self.progress.advance(1, **shard_counts(self.process_shard(name, upstream.name, i)))
         self.progress.end()
-        sd.finish(n, {})
+        sd.finish(n, summary)
         return sd
 
     def run_rollout(self, upstream: store.StageDir) -> store.StageDir:
