@@ -229,7 +229,9 @@ class EngineFleet:
                     raise RuntimeError("engine fleet: every replica is gone (restarts used up, or its engine failed to start)")
                 for j in range(len(self.replicas)):
                     if self.up[j] and j not in self._polls.values():
-                        self._polls[self.replicas[j].poll.remote(self.POLL_S)] = j
+                        # a replica being restarted answers its first poll at once: then it gets work
+                        wait = self.POLL_S if self.ready[j] else 0.2
+                        self._polls[self.replicas[j].poll.remote(wait)] = j
                 ready, _ = ray.wait(list(self._polls), num_returns=1)
                 for ref in ready:
                     j = self._polls.pop(ref)

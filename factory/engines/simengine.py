@@ -37,12 +37,10 @@ class SimEngine:
     can_continue = True  # a completions-style prompt: a cut trace can be continued from its text
 
     def __init__(self, model: str, cfg: SimConfig, max_model_len: int = 40960):
-        from transformers import AutoTokenizer
-
-        tok_dir = cfg.tokenizer or (model if Path(model).is_dir() else None)
-        if tok_dir is None:
+        self.tok_dir = cfg.tokenizer or (model if Path(model).is_dir() else None)
+        if self.tok_dir is None:
             raise ValueError("engine.backend=sim renders prompts here: set engine.sim.tokenizer to a local tokenizer directory")
-        self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        self._tokenizer = None
         self.model_name, self.max_model_len, self.cfg = model, max_model_len, cfg
         self.teacher = Teacher(cfg.slots, cfg.rate, cfg.median, cfg.sigma, max_model_len)
         # the teacher's semaphore binds to the first loop that waits on it: one loop for the engine's life
@@ -50,6 +48,15 @@ class SimEngine:
         # one sequence per slot keeps every slot busy: a sample's end frees its slot and the next
         # request is taken at once (the in-process source needs no slack for a network round trip)
         self.default_window = cfg.slots
+
+    @property
+    def tokenizer(self):
+        # loaded on first use: a replica on Ray is sent prompts already rendered and never needs it
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tok_dir)
+        return self._tokenizer
 
     def apply_chat_template(self, messages: list[dict], chat_template: str | None = None) -> str:
         return self.tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
