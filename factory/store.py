@@ -251,21 +251,18 @@ def merge_sorted(files: list[Path], key, sink: Callable[[dict], None], scratch: 
 
 
 class Shards:
-    """A table kept as shards: read whole shard by shard (as many passes as a stage needs), and
-    row by row through a cache of a few shards' columns. What a global stage (dedup) reads
-    instead of the whole table: its memory is a shard, the cache and its own small keys."""
+    """A table kept as shards, read whole shard by shard, as many passes as a stage needs: what
+    a global stage (dedup, decontam) reads instead of the whole table, so its memory is a shard
+    plus its own small keys."""
 
-    def __init__(self, read: Callable[[int, list[str] | None], pa.Table], sizes: list[int], cache_shards: int = 64):
-        self.read, self.sizes, self.cache_shards = read, list(sizes), cache_shards
-        self.starts = [0]
-        for n in self.sizes:
-            self.starts.append(self.starts[-1] + n)
-        self._cache: dict[tuple[int, tuple[str, ...]], list[dict]] = {}
+    def __init__(self, read: Callable[[int, list[str] | None], pa.Table], sizes: list[int], names: list[str]):
+        self.read, self.sizes, self.column_names = read, list(sizes), names
 
     @classmethod
     def of(cls, sd: "StageDir") -> "Shards":
         n = sd.num_shards()
-        return cls(lambda i, columns: pq.read_table(sd.shard(i), columns=columns), [sd.shard_rows(i) for i in range(n)])
+        return cls(lambda i, columns: pq.read_table(sd.shard(i), columns=columns), [sd.shard_rows(i) for i in range(n)],
+                   pq.read_schema(sd.shard(0)).names)
 
     @classmethod
     def of_table(cls, table: pa.Table, rows_per_shard: int = 4096) -> "Shards":
@@ -276,30 +273,12 @@ class Shards:
         def read(i, columns):
             part = table.slice(i * rows_per_shard, sizes[i])
             return part.select(columns) if columns else part
-        return cls(read, sizes)
+        return cls(read, sizes, table.schema.names)
 
     @property
     def num_rows(self) -> int:
-        return self.starts[-1]
-
-    @property
-    def column_names(self) -> list[str]:
-        return self.read(0, None).schema.names
+        return sum(self.sizes)
 
     def tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         for i in range(len(self.sizes)):
             yield self.read(i, columns)
-
-    def row(self, index: int, columns: tuple[str, ...]) -> dict:
-        """Row `index` (0-based over all shards), only `columns`."""
-        import bisect
-
-        i = bisect.bisect_right(self.starts, index) - 1
-        key = (i, columns)
-        rows = self._cache.pop(key, None)
-        if rows is None:
-            rows = self.read(i, list(columns)).to_pylist()
-            while len(self._cache) >= self.cache_shards:
-                self._cache.pop(next(iter(self._cache)))  # least recently used first
-        self._cache[key] = rows
-        return rows[index - self.starts[i]]

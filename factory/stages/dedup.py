@@ -75,14 +75,22 @@ def exact_key(question: str) -> str:
 
 def shingles(question: str, n: int) -> set[str]:
     """Word n-grams of the normalized question; the whole question if it has fewer than n words."""
-    toks = _TOKEN.findall(normalize(question))
+    return _shingles(normalize(question), n)
+
+
+def _shingles(normalized: str, n: int) -> set[str]:
+    toks = _TOKEN.findall(normalized)
     if len(toks) <= n:
         return {" ".join(toks)}
     return {" ".join(toks[i:i + n]) for i in range(len(toks) - n + 1)}
 
 
 def numbers(question: str) -> tuple[str, ...]:
-    return tuple(sorted(_NUMBER.findall(normalize(question))))
+    return _numbers(normalize(question))
+
+
+def _numbers(normalized: str) -> tuple[str, ...]:
+    return tuple(sorted(_NUMBER.findall(normalized)))
 
 
 def jaccard(a: set, b: set) -> float:
@@ -112,11 +120,11 @@ def dedup_rows(problems: store.Shards, cfg: DedupConfig, stats: dict) -> Iterato
     """Every row of `problems` in input order, with whether it is kept; a removed row comes as
     its rejected row. `stats` gets the cluster counts once the rows are through.
 
-    Memory is bounded by small keys per problem, never by the texts: a 128-bit hash of its
-    exact key, its keep rank and, with `near`, its LSH band hashes (8 bytes each) and bucket
-    ids (4 bytes each), about 200 bytes per problem at 128 permutations (14 bands); plus the
-    removed rows' (index, kept index) and a cache of a few shards' questions for the
-    candidate pairs' exact checks (`store.Shards`).
+    Memory is bounded by small keys per problem, not by the run's texts: a 128-bit hash of its
+    exact key, its keep rank and, with `near`, its LSH band hashes (8 bytes each) and bucket ids
+    (4 bytes each): about 200 bytes per problem at 128 permutations (14 bands). Besides those,
+    the texts of the rows that share an LSH bucket with another row (the candidate pairs, read
+    back from the shards in one pass for the exact check) and the removed rows' kept ids.
     """
     n = problems.num_rows
     exact_hash = np.zeros((n, 2), dtype=np.uint64)
@@ -127,36 +135,45 @@ def dedup_rows(problems: store.Shards, cfg: DedupConfig, stats: dict) -> Iterato
     for t in problems.tables([c for c in ("question", "split", "origin") if c in names]):
         qs, splits, origins = (t.column(c).to_pylist() if c in names else [None] * t.num_rows
                                for c in ("question", "split", "origin"))
-        for k, (q, split, origin) in enumerate(zip(qs, splits, origins)):
-            exact_hash[at + k] = np.frombuffer(hashlib.blake2b(exact_key(q).encode(), digest_size=16).digest(), np.uint64)
+        norm = [normalize(q) for q in qs]
+        for k, (q, split, origin) in enumerate(zip(norm, splits, origins)):
+            exact_hash[at + k] = np.frombuffer(hashlib.blake2b(re.sub(r"\s+", "", q).encode(), digest_size=16).digest(),
+                                               np.uint64)
             group[at + k] = 4 * (split == cfg.train_split) + ORIGIN_RANK.get(origin or "original", 3)
         if lsh is not None and qs:
-            mhs = MinHash.bulk(([s.encode() for s in shingles(q, cfg.ngram)] for q in qs), num_perm=cfg.num_perm,
+            mhs = MinHash.bulk(([s.encode() for s in _shingles(q, cfg.ngram)] for q in norm), num_perm=cfg.num_perm,
                                seed=cfg.seed, hashfunc=_hash32)
-            bands[at: at + len(qs)] = band_hashes(np.stack([m.hashvalues for m in mhs]), lsh)
+            h = band_hashes(np.stack([m.hashvalues for m in mhs]), lsh)
+            if cfg.numbers_must_match:  # rows with other numbers are never duplicates: never in one bucket
+                nums = np.array([int.from_bytes(hashlib.blake2b(repr(_numbers(q)).encode(), digest_size=8).digest(), "big")
+                                 for q in norm], dtype=np.uint64)
+                with np.errstate(over="ignore"):
+                    h = (h ^ nums[:, None]) * np.uint64(0x100000001B3)
+            bands[at: at + len(qs)] = h
         at += len(qs)
     # the order clusters keep rows in (first wins): held-out before training, originals before
     # paraphrases before variants, then file order
     order = np.lexsort((np.arange(n), group))
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n)
-    del group
+    del group, order
     removed: dict[int, tuple[str, int, str]] = {}  # row -> (reason, kept row, detail)
     if cfg.exact and n:
         by_key = np.lexsort((rank, exact_hash[:, 1], exact_hash[:, 0]))
         h = exact_hash[by_key]
         same = np.all(h[1:] == h[:-1], axis=1)  # a row with the key of the row before it (in keep order)
-        first = by_key[np.concatenate([[0], np.flatnonzero(~same) + 1])]
-        run_first = np.repeat(first, np.diff(np.concatenate([np.flatnonzero(np.concatenate([[True], ~same])), [n]])))
+        starts = np.flatnonzero(np.concatenate([[True], ~same]))
+        run_first = np.repeat(by_key[starts], np.diff(np.concatenate([starts, [n]])))
         for i, j in zip(by_key[1:][same].tolist(), run_first[1:][same].tolist()):
             removed[i] = ("duplicate_exact", j, "same text up to case and whitespace")
     del exact_hash
     if lsh is not None:
         _near(problems, bands, rank, cfg, removed)
-    del bands
+    del bands, rank
     reasons = [v[0] for v in removed.values()]
     stats["duplicates"] = {"duplicate_exact": reasons.count("duplicate_exact"),
                            "near_duplicate": reasons.count("near_duplicate")}
+    kept_ids = _values(problems, "problem_id", {j for _, j, _ in removed.values()})
     at = 0
     for t in problems.tables():
         for k, row in enumerate(t.to_pylist()):
@@ -164,10 +181,22 @@ def dedup_rows(problems: store.Shards, cfg: DedupConfig, stats: dict) -> Iterato
                 yield True, row
                 continue
             reason, j, why = removed[at + k]
-            dup_of = problems.row(j, ("problem_id",))["problem_id"]
-            yield False, schema.rejected_row("dedup", reason, {**row, "duplicate_of": dup_of},
-                                             problem_id=row["problem_id"], detail=f"duplicates problem {dup_of} ({why})")
+            yield False, schema.rejected_row("dedup", reason, {**row, "duplicate_of": kept_ids[j]},
+                                             problem_id=row["problem_id"], detail=f"duplicates problem {kept_ids[j]} ({why})")
         at += t.num_rows
+
+
+def _values(problems: store.Shards, column: str, rows: set[int]) -> dict[int, object]:
+    """Column `column` of the rows `rows` (indices over all shards), in one pass over the shards."""
+    out, at = {}, 0
+    if not rows:
+        return out
+    for t in problems.tables([column]):
+        values = t.column(column).to_pylist()
+        for i in sorted(r for r in rows if at <= r < at + len(values)):
+            out[i] = values[i - at]
+        at += len(values)
+    return out
 
 
 def _lsh(cfg: DedupConfig):
@@ -194,13 +223,15 @@ def band_hashes(hashvalues: np.ndarray, lsh) -> np.ndarray:
 
 def _near(problems: store.Shards, bands: np.ndarray, rank: np.ndarray, cfg: DedupConfig, removed: dict) -> None:
     """Greedy clustering in keep order: a row is removed if it is a near-duplicate of a row
-    already kept. The LSH buckets (rows sharing a band's hash) only propose candidates; the
-    exact Jaccard and the number rule decide. This is datasketch's MinHashLSH insert / query
-    loop, with the buckets found by sorting every row's band hashes (as datatrove's MinHash
-    dedup does) instead of a dict of every bucket: that index took ~5 KB per problem
-    (NOTES.md), this ~60 bytes. Only rows in a bucket with another row are looked at."""
+    already kept. The LSH buckets (rows sharing a band's hash, and their numbers when those must
+    match) only propose candidates; the exact Jaccard and the number rule decide. This is
+    datasketch's MinHashLSH insert / query loop, with the buckets found by sorting every row's
+    band hashes (as datatrove's MinHash dedup does) instead of datasketch's dict of every
+    bucket, which took ~5 KB per problem (NOTES.md); this takes ~60 bytes. Only rows in a
+    bucket with another row are looked at, and only their texts are read back."""
     n, b = bands.shape
-    alive = np.array([i not in removed for i in range(n)], dtype=bool)  # exact duplicates are neither kept nor asked
+    alive = np.ones(n, dtype=bool)
+    alive[list(removed)] = False  # exact duplicates are neither kept nor asked
     idx = np.flatnonzero(alive)
     bucket = np.full((n, b), -1, dtype=np.int32)
     for k in range(b):
@@ -214,17 +245,24 @@ def _near(problems: store.Shards, bands: np.ndarray, rank: np.ndarray, cfg: Dedu
         bucket[idx[s[shared]], k] = run[shared]
     todo = np.flatnonzero((bucket >= 0).any(axis=1))
     todo = todo[np.argsort(rank[todo], kind="stable")]
+    texts = _values(problems, "question", set(todo.tolist()))
+    derived: dict[int, tuple] = {}  # row -> (shingles, numbers), made once per row
+    def facts(i: int) -> tuple:
+        if i not in derived:
+            q = normalize(texts[i])
+            derived[i] = (_shingles(q, cfg.ngram), _numbers(q))
+        return derived[i]
+
     kept_in: dict[tuple[int, int], list[int]] = {}
     for i in todo.tolist():
-        q = problems.row(i, ("question",))["question"]
-        sh, nums = shingles(q, cfg.ngram), numbers(q)
+        sh, nums = facts(i)
         mine = [(k, int(v)) for k, v in enumerate(bucket[i]) if v >= 0]
         best = None
         for j in sorted({j for key in mine for j in kept_in.get(key, ())}):
-            other = problems.row(j, ("question",))["question"]
-            if cfg.numbers_must_match and numbers(other) != nums:
+            other, other_nums = facts(j)
+            if cfg.numbers_must_match and other_nums != nums:
                 continue
-            sim = jaccard(sh, shingles(other, cfg.ngram))
+            sim = jaccard(sh, other)
             if sim >= cfg.threshold and (best is None or sim > best[0]):
                 best = (sim, j)
         if best is None:
@@ -232,3 +270,4 @@ def _near(problems: store.Shards, bands: np.ndarray, rank: np.ndarray, cfg: Dedu
                 kept_in.setdefault(key, []).append(i)
         else:
             removed[i] = ("near_duplicate", best[1], f"Jaccard {best[0]:.2f} on word {cfg.ngram}-grams")
+            derived.pop(i, None)  # a removed row is never a candidate again
