@@ -28,17 +28,24 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
-import sys, time, json
+import resource, sys, time, json
 sys.path.insert(0, sys.argv[1])
 from factory.run import pipeline
 from factory import config as config_mod
 def main():
     recipe = config_mod.from_dict(pipeline.Recipe, json.loads(open(sys.argv[2]).read()))
     r = pipeline.Runner(recipe, log=lambda m: None)
-    t0 = time.perf_counter()
-    sd = r.run_decontam(r.run_dedup(r.run_ingest()))
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # MB so far
+    t0, stages = time.perf_counter(), {"imports": peak()}
+    sd = r.run_ingest()
+    stages["ingest"] = peak()
+    sd = r.run_dedup(sd)
+    stages["dedup"] = peak()
+    sd = r.run_decontam(sd)
+    stages["decontam"] = peak()
     counts = [json.loads(p.read_text()) for p in sorted(sd.path.glob("shard-*.done"))]
-    print(json.dumps({"seconds": time.perf_counter() - t0, "kept": sum(c["rows_out"] for c in counts)}))
+    print(json.dumps({"seconds": time.perf_counter() - t0, "kept": sum(c["rows_out"] for c in counts),
+                      "peak_mb_after": stages}))
     r.close()
 if __name__ == "__main__":
     main()
@@ -113,7 +120,7 @@ def measure(code: Path, work: Path, n: int) -> dict:
     got = json.loads(out[-1])
     problems.unlink()
     return {"problems": n, "input_mb": round(size / 2**20), "peak_rss_mb": round(peak / 2**20),
-            "seconds": round(got["seconds"], 1), "kept": got["kept"]}
+            "seconds": round(got["seconds"], 1), "kept": got["kept"], "peak_mb_after": got["peak_mb_after"]}
 
 
 def main() -> None:
@@ -130,7 +137,8 @@ def main() -> None:
         r = measure(args.code.resolve(), work, n)
         runs.append(r)
         print(f"{n:>8} problems ({r['input_mb']} MB of JSONL): ingest + dedup + decontam {r['seconds']} s, "
-              f"peak RSS {r['peak_rss_mb']} MB, {r['kept']} kept", flush=True)
+              f"peak RSS {r['peak_rss_mb']} MB (the driver's peak after each stage, MB: {r['peak_mb_after']}), "
+              f"{r['kept']} kept", flush=True)
     print(f"work dir: {work}")
     print(json.dumps({"cpu": cpu, "code": str(args.code), "runs": runs,
                       "peak_rss_ratio": round(runs[1]["peak_rss_mb"] / runs[0]["peak_rss_mb"], 3)}))

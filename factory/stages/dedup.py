@@ -246,12 +246,10 @@ def _near(problems: store.Shards, bands: np.ndarray, rank: np.ndarray, cfg: Dedu
     todo = np.flatnonzero((bucket >= 0).any(axis=1))
     todo = todo[np.argsort(rank[todo], kind="stable")]
     texts = _values(problems, "question", set(todo.tolist()))
-    derived: dict[int, tuple] = {}  # row -> (shingles, numbers), made once per row
-    def facts(i: int) -> tuple:
-        if i not in derived:
-            q = normalize(texts[i])
-            derived[i] = (_shingles(q, cfg.ngram), _numbers(q))
-        return derived[i]
+
+    def facts(i: int) -> tuple:  # made again each time (a cache of shingle sets cost ~4 KB a row)
+        q = normalize(texts[i])
+        return _shingles(q, cfg.ngram), _numbers(q)
 
     kept_in: dict[tuple[int, int], list[int]] = {}
     for i in todo.tolist():
@@ -270,4 +268,4 @@ def _near(problems: store.Shards, bands: np.ndarray, rank: np.ndarray, cfg: Dedu
                 kept_in.setdefault(key, []).append(i)
         else:
             removed[i] = ("near_duplicate", best[1], f"Jaccard {best[0]:.2f} on word {cfg.ngram}-grams")
-            derived.pop(i, None)  # a removed row is never a candidate again
+            del texts[i]  # a removed row is never a candidate again
