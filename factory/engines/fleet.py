@@ -1,6 +1,6 @@
 """One Engine over R replica actors on Ray: `stream` keeps every replica's engine saturated.
 
-    fleet = EngineFleet(config, run_dir, replicas=8, actor_options={"num_gpus": 1})
+    fleet = EngineFleet.of(config, run_dir, replicas=8, actor_options={"num_gpus": 1})
     for key, completions in fleet.stream(requests):   # the rollout stage's continuous stream
         ...
 
@@ -33,6 +33,7 @@ alternatives (README, scale section).
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import os
 import threading
@@ -49,10 +50,8 @@ class Replica:
     """A Ray actor (threaded: `poll` waits while `submit` runs): one engine, its `stream` in a
     thread, fed from an inbox the driver fills."""
 
-    def __init__(self, config: EngineConfig, run_dir: str, window: int | None):
-        from factory.engines import make_engine
-
-        self.engine = make_engine(config, run_dir)
+    def __init__(self, make: Callable[[], Any], window: int | None):
+        self.engine = make()
         self.window = window
         self.cond = threading.Condition()
         self.inbox: collections.deque = collections.deque()
@@ -86,9 +85,19 @@ class Replica:
         with self.cond:
             self.inbox.clear()
 
-    def stats(self) -> dict:
+    def stats(self, reset: bool = False) -> dict:
+        """Requests, sequences and tokens this replica's engine took and finished (with the times
+        of its first take and last answer), and its engine's own stats where it has them; counted
+        afresh after a reset."""
         stats = getattr(self.engine, "stats", None)
-        return {**self.counts, "pid": os.getpid(), **({"engine": stats()} if stats else {})}
+        out = {**self.counts, "pid": os.getpid(), **({"engine": stats()} if stats else {})}
+        if reset:
+            self.counts = collections.Counter()
+        return out
+
+    def call(self, fn: Callable[[Any], Any]) -> Any:
+        """fn(this replica's engine), here: for benchmarks and checks, while no stream is busy."""
+        return fn(self.engine)
 
     def _source(self) -> Iterator[Request | None]:
         while True:
@@ -99,6 +108,7 @@ class Replica:
                 if r is not None:
                     self.taken.append(r.key)
                     self.cond.notify_all()
+                    self.counts.setdefault("first_taken", time.time())
             if r is None:
                 yield None  # nothing queued: the engine goes on with what it has in flight
             else:
@@ -111,6 +121,8 @@ class Replica:
         try:
             for rid, completions in self.engine.stream(self._source(), self.window):
                 self.in_flight -= 1
+                self.counts["tokens"] += sum(c.num_tokens for c in completions)
+                self.counts["last_done"] = time.time()
                 with self.cond:
                     self.done.append((rid, completions))
                     self.cond.notify_all()
@@ -126,12 +138,22 @@ class EngineFleet:
 
     POLL_S = 2.0
 
-    def __init__(self, config: EngineConfig, run_dir: str, replicas: int, actor_options: dict | None = None,
+    @classmethod
+    def of(cls, config: EngineConfig, run_dir: str, replicas: int, actor_options: dict | None = None,
+           **kwargs) -> "EngineFleet":
+        """Replicas each holding `make_engine(config, run_dir)` (run_dir absolute: actors may run
+        on other nodes)."""
+        from factory.engines import make_engine
+
+        return cls(functools.partial(make_engine, config, str(run_dir)), _front(config, run_dir), replicas,
+                   actor_options, **kwargs)
+
+    def __init__(self, make: Callable[[], Any], front: Any, replicas: int, actor_options: dict | None = None,
                  window: int | None = None, prefetch: int = 2, max_restarts: int = 16,
                  log: Callable[[str], None] = print, start_timeout_s: float = 1800.0):
         """Args:
-            config: the engine each replica builds (its `make_engine` runs inside the actor).
-            run_dir: the run directory (absolute: actors may run on other nodes).
+            make: builds a replica's engine inside its actor (pickled to it).
+            front: renders and tokenizes prompts on the driver as the engines would.
             replicas: how many actors.
             actor_options: Ray resources per actor (num_cpus, num_gpus).
             window: sequences in flight per replica (unset: its engine's default).
@@ -141,13 +163,12 @@ class EngineFleet:
         """
         import ray
 
-        self.config, self.log, self.prefetch = config, log, max(1, prefetch)
+        self.log, self.prefetch = log, max(1, prefetch)
         self.max_restarts = max_restarts
         actor = ray.remote(max_concurrency=4, max_restarts=max_restarts)(Replica)
-        self.replicas = [actor.options(**(actor_options or {})).remote(config, str(run_dir), window)
-                         for _ in range(replicas)]
+        self.replicas = [actor.options(**(actor_options or {})).remote(make, window) for _ in range(replicas)]
         infos = self._wait([r.info.remote() for r in self.replicas], start_timeout_s, "start")
-        self.front = _front(config, run_dir)
+        self.front = front
         self.model_name = infos[0]["model_name"]
         self.max_model_len = min(i["max_model_len"] for i in infos)
         self.can_continue = all(i["can_continue"] for i in infos)
@@ -278,14 +299,15 @@ class EngineFleet:
 
     # -- the fleet -------------------------------------------------------------------------
 
-    def stats(self) -> list[dict]:
-        """Each replica's counts this launch (requests, sequences, its engine's own stats), and restarts."""
+    def stats(self, reset: bool = False) -> list[dict]:
+        """Each replica's counts this launch (or since the last reset): requests, sequences,
+        tokens, its engine's own stats; and how often it was lost."""
         import ray
 
         out = []
         for j, r in enumerate(self.replicas):
             try:
-                s = ray.get(r.stats.remote(), timeout=60) if self.up[j] else {}
+                s = ray.get(r.stats.remote(reset), timeout=60) if self.up[j] else {}
             except Exception as e:  # noqa: BLE001 - stats of a lost replica are lost with it
                 s = {"error": f"{type(e).__name__}"}
             out.append({**s, "restarts": self.restarts[j]})
