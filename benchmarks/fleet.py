@@ -3,6 +3,9 @@
     python benchmarks/fleet.py                         # utilization, traces/s, driver CPU per trace
     python benchmarks/fleet.py --ray                   # + Ray Data LLM's HTTP processor on the same server
     python benchmarks/fleet.py --memory --problems 800 # peak RSS of the whole run at N and 10N problems
+    python benchmarks/fleet.py --executor ray --replicas 8 --slots 32 [--baseline]
+                                                       # executor=ray over 8 simulated replicas of 32 slots
+                                                       # (+ one 256-slot server on the local executor)
 
 The teacher is `factory.engines.simserver` in its own process: `--slots` sequence slots decoding
 `--rate` tokens/s each, lognormal trace lengths (median `--median`, sigma `--sigma`, capped
@@ -18,6 +21,15 @@ is sampled for RSS. Printed:
   prompts (one sample per row: Ray Data has no n, so K rows per problem);
 - with --memory, peak RSS (all processes) at N and 10N problems, their ratio, and the bytes
   of trace text each run produced.
+
+With `--executor ray` the teacher is `--replicas` simulated replicas inside Ray (engine
+backend `sim`: each replica actor holds its own `simserver.Teacher` with `--slots` slots at
+`--rate`), and the run is `executor: ray` with `ray.engine_replicas` = replicas; utilization
+is the replicas' busy slot-seconds over replicas x slots x the window from the first
+request any replica saw to the last answer any gave (the rollout's wall time, measured as for
+one server). `--baseline` also runs the local executor against one server of replicas x
+slots slots on the same problems and says whether the products (curriculum, pairs,
+difficulty, rejected rows) are identical. The last line printed is JSON with the figures.
 """
 
 from __future__ import annotations
@@ -74,51 +86,95 @@ def write_problems(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def recipe(out: Path, problems: Path, port: int, args) -> Path:
-    server = {"base_url": f"http://127.0.0.1:{port}/v1", "tokenizer": str(ROOT / "data" / "demo" / "teacher")}
-    if args.concurrency:
-        server["max_concurrency"] = args.concurrency
+def recipe(out: Path, problems: Path, port: int | None, args) -> Path:
+    """The benchmark's recipe: the server backend on `port`, or (port None) executor=ray over
+    simulated replicas."""
+    tokenizer = str(ROOT / "data" / "demo" / "teacher")
+    if port is None:
+        engine = {"backend": "sim", "sim": {"slots": args.slots, "rate": args.rate, "median": args.median,
+                                            "sigma": args.sigma, "tokenizer": tokenizer}}
+    else:
+        server = {"base_url": f"http://127.0.0.1:{port}/v1", "tokenizer": tokenizer}
+        if args.concurrency:
+            server["max_concurrency"] = args.concurrency
+        engine = {"backend": "server", "server": server}
     data = {
         "run": {"output_dir": str(out), "progress": False},
-        "engine": {"backend": "server", "model": "sim", "max_model_len": args.max_tokens + 1024, "server": server},
+        "engine": {**engine, "model": "sim", "max_model_len": args.max_tokens + 1024},
         "ingest": {"paths": [str(problems)], "default_domain": "numeric", "problems_per_shard": args.shard},
         "rollout": {"num_traces": args.k, "max_tokens": args.max_tokens, "question_template": "{question}"},
         "grade": {"workers": 1},
         "curate": {"max_traces_per_problem": 2},
     }
+    if port is None:
+        data.update(executor="ray", ray={"engine_replicas": args.replicas, "num_cpus": os.cpu_count(), "cpu_actors": 2})
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
 
-def run_factory(recipe_path: Path) -> tuple[float, int]:
-    """Run `factory run` in a subprocess; return (wall seconds, peak RSS of its process tree)."""
+def run_factory(recipe_path: Path) -> tuple[float, int, int]:
+    """Run `factory run` in a subprocess; return (wall seconds, peak RSS of its process tree, peak
+    RSS of the driver process alone). On Ray the tree holds Ray's own processes and its actors."""
     t0 = time.perf_counter()
     log = open(recipe_path.with_suffix(".log"), "w")
-    proc = subprocess.Popen([sys.executable, "-m", "factory.cli", "run", str(recipe_path)], stdout=log, stderr=subprocess.STDOUT)
-    root, peak = psutil.Process(proc.pid), 0
+    proc = subprocess.Popen([sys.executable, "-m", "factory.cli", "run", str(recipe_path)], stdout=log,
+                            stderr=subprocess.STDOUT, cwd=ROOT)
+    root, peak, driver = psutil.Process(proc.pid), 0, 0
     while proc.poll() is None:
         try:
-            rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-            peak = max(peak, rss)
+            own = root.memory_info().rss
+            rss = own + sum(p.memory_info().rss for p in root.children(recursive=True))
+            peak, driver = max(peak, rss), max(driver, own)
         except psutil.Error:
             pass
         time.sleep(0.2)
     if proc.returncode:
         raise RuntimeError(f"factory run failed ({proc.returncode}); see {recipe_path.with_suffix('.log')}")
-    return time.perf_counter() - t0, peak
+    return time.perf_counter() - t0, peak, driver
 
 
-def factory_side(args, port: int, work: Path, n: int) -> dict:
-    http(f"http://127.0.0.1:{port}/sim/reset", b"")
-    out = work / f"run-{n}"
-    wall, peak = run_factory(recipe(out, write_problems(work / f"problems-{n}.jsonl", n), port, args))
-    sim = http(f"http://127.0.0.1:{port}/sim/stats")
+def fleet_stats(out: Path, slots: int) -> dict:
+    """The simulated replicas' counts (RUN/stages/rollout/_complete.json) as one server's /sim/stats."""
+    reps = [r["engine"] for r in json.loads((out / "stages" / "rollout" / "_complete.json").read_text())["replicas"]]
+    window = max(r["last"] for r in reps) - min(r["first"] for r in reps)
+    busy = sum(r["busy_slot_seconds"] for r in reps)
+    return {"slots": slots * len(reps), "busy_slot_seconds": busy, "window_seconds": window,
+            "utilization": busy / (slots * len(reps) * window), "tokens": sum(r["tokens"] for r in reps),
+            "sequences": sum(r["sequences"] for r in reps),
+            "replica_utilization": [round(r["utilization"], 4) for r in reps]}
+
+
+def factory_side(args, port: int | None, work: Path, n: int, name: str = "run") -> dict:
+    """`factory run` on n problems against the server on `port` (or, port None, on Ray's simulated replicas)."""
+    if port is not None:
+        http(f"http://127.0.0.1:{port}/sim/reset", b"")
+    out = work / f"{name}-{n}"
+    wall, peak, driver = run_factory(recipe(out, write_problems(work / f"problems-{n}.jsonl", n), port, args))
+    sim = http(f"http://127.0.0.1:{port}/sim/stats") if port is not None else fleet_stats(out, args.slots)
     m = json.loads((out / "manifest.json").read_text())
     ro = m["stages"]["rollout"]
     text_bytes = sum(os.path.getsize(p) for p in (out / "stages" / "rollout").glob("shard-*.parquet"))
-    return {"wall": wall, "peak_rss": peak, "sim": sim, "rollout": ro, "traces": ro["out"],
-            "rollout_seconds": ro["seconds"], "text_bytes": sim["tokens"] * 4, "rollout_parquet_bytes": text_bytes}
+    return {"wall": wall, "peak_rss": peak, "driver_peak_rss": driver, "sim": sim, "rollout": ro, "traces": ro["out"],
+            "rollout_seconds": ro["seconds"], "text_bytes": sim["tokens"] * 4, "rollout_parquet_bytes": text_bytes,
+            "out": out}
+
+
+def products_digest(run: Path) -> str:
+    """A hash of what a user reads from a run: curriculum and pair rows in file order, the
+    difficulty table, and the rejected rows (sorted)."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    m = json.loads((run / "manifest.json").read_text())
+    h = hashlib.sha256()
+    for f in [s["file"] for s in m["curriculum"]] + m["pairs"] + ["difficulty.parquet"]:
+        h.update(json.dumps(pq.read_table(run / f).to_pylist(), sort_keys=True, default=str).encode())
+    rejected = sorted(json.dumps(r, sort_keys=True, default=str)
+                      for f in sorted((run / "rejected").glob("*/*.parquet")) for r in pq.read_table(f).to_pylist())
+    h.update("".join(rejected).encode())
+    return h.hexdigest()[:16]
 
 
 def ray_side(args, port: int, n: int) -> dict:
@@ -153,11 +209,35 @@ def ray_side(args, port: int, n: int) -> dict:
     return {"wall": wall, "traces": got, "sim": http(f"http://127.0.0.1:{port}/sim/stats")}
 
 
+def report(label: str, n: int, r: dict, slots: int, args) -> dict:
+    """Print one run's line; return its figures."""
+    sim = r["sim"]
+    ideal = sim["tokens"] / (slots * args.rate)
+    cpu_ms = r["rollout"].get("driver_cpu_seconds")
+    print(f"{label} {n:>6} problems x {args.k}: utilization {sim['utilization']:.3f} "
+          f"(rollout window {sim['window_seconds']:.1f} s, ideal {ideal:.1f} s), "
+          f"{r['traces'] / max(sim['window_seconds'], 1e-9):.1f} traces/s, peak RSS {r['peak_rss'] / 2**20:.0f} MB "
+          f"(driver {r['driver_peak_rss'] / 2**20:.0f} MB), trace text {r['text_bytes'] / 2**30:.2f} GB"
+          + (f", driver CPU {1000 * cpu_ms / max(r['traces'], 1):.2f} ms/trace "
+             f"({4 * sim['tokens'] / max(r['traces'], 1) / 1024:.1f} KB/trace)" if cpu_ms is not None else ""), flush=True)
+    return {"problems": n, "utilization": round(sim["utilization"], 4), "window_seconds": round(sim["window_seconds"], 2),
+            "ideal_seconds": round(ideal, 2), "traces": r["traces"], "wall_seconds": round(r["wall"], 1),
+            "peak_rss_mb": round(r["peak_rss"] / 2**20), "driver_peak_rss_mb": round(r["driver_peak_rss"] / 2**20),
+            "text_gb": round(r["text_bytes"] / 2**30, 3),
+            "driver_cpu_ms_per_trace": round(1000 * cpu_ms / max(r["traces"], 1), 3) if cpu_ms is not None else None,
+            **({"replica_utilization": sim["replica_utilization"]} if "replica_utilization" in sim else {})}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", type=int, default=512)
     ap.add_argument("--k", type=int, default=8, help="traces per problem")
-    ap.add_argument("--slots", type=int, default=256)
+    ap.add_argument("--executor", choices=("local", "ray"), default="local",
+                    help="local: factory run against one simulated server; ray: executor=ray over --replicas simulated replicas")
+    ap.add_argument("--replicas", type=int, default=8, help="--executor ray: simulated engine replicas")
+    ap.add_argument("--slots", type=int, default=256, help="slots of the server (local) or of each replica (ray)")
+    ap.add_argument("--baseline", action="store_true",
+                    help="--executor ray: also the local executor against one server of replicas x slots; compare products")
     ap.add_argument("--rate", type=float, default=2000.0, help="tokens/s per slot")
     ap.add_argument("--median", type=float, default=3000.0)
     ap.add_argument("--sigma", type=float, default=0.8)
@@ -169,39 +249,58 @@ def main() -> None:
     ap.add_argument("--ray-actors", type=int, default=16, help="Ray Data LLM's concurrency (HTTP actors)")
     ap.add_argument("--memory", action="store_true", help="peak RSS at N and 10N problems")
     args = ap.parse_args()
+    on_ray = args.executor == "ray"
+    total = args.slots * (args.replicas if on_ray else 1)
     work = Path(tempfile.mkdtemp(prefix="fleet-"))
-    port = free_port()
-    server = start_server(args, port)
+    port, server = None, None
+    if not on_ray or args.baseline or args.ray:  # one server with every slot
+        port = free_port()
+        server = start_server(argparse.Namespace(**{**vars(args), "slots": total}), port)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    print(f"machine: {cpu}, {os.cpu_count()} cores; simulated teacher: {args.slots} slots x {args.rate:g} tok/s, "
-          f"lengths lognormal(median {args.median:g}, sigma {args.sigma}) capped at {args.max_tokens}")
+    teacher = f"{args.replicas} replicas x {args.slots} slots on Ray" if on_ray else f"{args.slots} slots"
+    print(f"machine: {cpu}, {os.cpu_count()} cores; simulated teacher: {teacher} x {args.rate:g} tok/s, "
+          f"lengths lognormal(median {args.median:g}, sigma {args.sigma}) capped at {args.max_tokens}", flush=True)
+    out = {"cpu": cpu, "cores": os.cpu_count(), "executor": args.executor, "slots": args.slots, "k": args.k,
+           "rate": args.rate, "median": args.median, "sigma": args.sigma, "max_tokens": args.max_tokens,
+           **({"replicas": args.replicas} if on_ray else {})}
     try:
         sizes = [args.problems, 10 * args.problems] if args.memory else [args.problems]
-        results = {}
+        results, runs = {}, {}
         for n in sizes:
-            r = results[n] = factory_side(args, port, work, n)
-            sim = r["sim"]
-            ideal = sim["tokens"] / (args.slots * args.rate)
-            cpu_ms = r["rollout"].get("driver_cpu_seconds")
-            print(f"factory  {n:>6} problems x {args.k}: utilization {sim['utilization']:.3f} "
-                  f"(rollout window {sim['window_seconds']:.1f} s, ideal {ideal:.1f} s), "
-                  f"{r['traces'] / max(sim['window_seconds'], 1e-9):.1f} traces/s, peak RSS {r['peak_rss'] / 2**20:.0f} MB, "
-                  f"trace text {r['text_bytes'] / 2**30:.2f} GB"
-                  + (f", driver CPU {1000 * cpu_ms / max(r['traces'], 1):.2f} ms/trace "
-                     f"({4 * sim['tokens'] / max(r['traces'], 1) / 1024:.1f} KB/trace)" if cpu_ms is not None else ""))
+            results[n] = factory_side(args, None if on_ray else port, work, n, args.executor)
+            runs[n] = report(f"factory ({args.executor})", n, results[n], total, args)
+        out.update({k: v for k, v in runs[sizes[0]].items()})
         if args.memory:
-            a, b = results[sizes[0]]["peak_rss"], results[sizes[1]]["peak_rss"]
-            print(f"peak RSS {sizes[1]} / {sizes[0]} problems: {b / 2**20:.0f} MB / {a / 2**20:.0f} MB = {b / a:.2f}x")
+            a, b = results[sizes[0]], results[sizes[1]]
+            print(f"peak RSS {sizes[1]} / {sizes[0]} problems: {b['peak_rss'] / 2**20:.0f} MB / {a['peak_rss'] / 2**20:.0f} MB "
+                  f"= {b['peak_rss'] / a['peak_rss']:.2f}x; driver alone {b['driver_peak_rss'] / 2**20:.0f} MB / "
+                  f"{a['driver_peak_rss'] / 2**20:.0f} MB = {b['driver_peak_rss'] / a['driver_peak_rss']:.2f}x")
+            out["memory"] = {"runs": [runs[n] for n in sizes], "peak_rss_ratio": round(b["peak_rss"] / a["peak_rss"], 3),
+                             "driver_peak_rss_ratio": round(b["driver_peak_rss"] / a["driver_peak_rss"], 3)}
+        if on_ray and args.baseline:
+            n = args.problems
+            base = factory_side(args, port, work, n, "local")
+            figures = report("factory (local, one server)", n, base, total, args)
+            same = products_digest(base["out"]) == products_digest(results[n]["out"])
+            print(f"one {total}-slot server: utilization {figures['utilization']:.3f}; ray - server = "
+                  f"{out['utilization'] - figures['utilization']:+.3f}; products identical: {same}")
+            out["baseline"] = {"slots": total, "utilization": figures["utilization"],
+                               "window_seconds": figures["window_seconds"], "wall_seconds": figures["wall_seconds"]}
+            out["products_identical"] = same
         if args.ray:
             r = ray_side(args, port, args.problems)
             sim = r["sim"]
             print(f"ray.data.llm {args.problems:>3} problems x {args.k}: utilization {sim['utilization']:.3f} "
                   f"(window {sim['window_seconds']:.1f} s), {r['traces'] / max(sim['window_seconds'], 1e-9):.1f} traces/s "
                   f"(wall {r['wall']:.1f} s, batch_size {args.ray_batch}, {args.ray_actors} actors)")
+            out["ray_data_llm"] = {"utilization": round(sim["utilization"], 4), "window_seconds": round(sim["window_seconds"], 2),
+                                   "batch_size": args.ray_batch, "actors": args.ray_actors}
     finally:
-        server.terminate()
-        server.wait()
+        if server is not None:
+            server.terminate()
+            server.wait()
     print(f"work dir: {work}")
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -269,3 +269,37 @@ def merge_sorted(files: list[Path], key, sink: Callable[[dict], None], scratch: 
     for row in heapq.merge(*(iter_rows(f) for f in files), key=key):
         sink(row)
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+class Shards:
+    """A table kept as shards, read whole shard by shard, as many passes as a stage needs: what
+    a global stage (dedup, decontam) reads instead of the whole table, so its memory is a shard
+    plus its own small keys."""
+
+    def __init__(self, read: Callable[[int, list[str] | None], pa.Table], sizes: list[int], names: list[str]):
+        self.read, self.sizes, self.column_names = read, list(sizes), names
+
+    @classmethod
+    def of(cls, sd: "StageDir") -> "Shards":
+        n = sd.num_shards()
+        return cls(lambda i, columns: pq.read_table(sd.shard(i), columns=columns), [sd.shard_rows(i) for i in range(n)],
+                   pq.read_schema(sd.shard(0)).names)
+
+    @classmethod
+    def of_table(cls, table: pa.Table, rows_per_shard: int = 4096) -> "Shards":
+        """An in-memory table seen as shards (tests, callers that already hold the table)."""
+        n = max(1, -(-table.num_rows // rows_per_shard))
+        sizes = [min(rows_per_shard, table.num_rows - i * rows_per_shard) for i in range(n)]
+
+        def read(i, columns):
+            part = table.slice(i * rows_per_shard, sizes[i])
+            return part.select(columns) if columns else part
+        return cls(read, sizes, table.schema.names)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.sizes)
+
+    def tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        for i in range(len(self.sizes)):
+            yield self.read(i, columns)

@@ -1,15 +1,16 @@
 """Engines: what a stage generates with (`base`), vLLM in-process (`inprocess`), an OpenAI-compatible
-server (`server`), and a simulated teacher server for fleet benchmarks (`simserver`)."""
+server (`server`), a simulated teacher server for fleet benchmarks (`simserver`) and the same teacher
+in this process (`simengine`), and one engine spread over replica actors on Ray (`fleet`)."""
 
 from __future__ import annotations
 
 import os
 
-from factory.engines.base import (Completion, Engine, EngineConfig, Request, Sampling, ServerConfig, cpu_flags,
-                                  resolve_dtype)
+from factory.engines.base import (Completion, Engine, EngineConfig, Request, Sampling, ServerConfig, SimConfig,
+                                  cpu_flags, resolve_dtype)
 
-__all__ = ["Completion", "Engine", "EngineConfig", "Request", "Sampling", "ServerConfig", "cpu_flags", "make_engine",
-           "resolve_dtype"]
+__all__ = ["Completion", "Engine", "EngineConfig", "Request", "Sampling", "ServerConfig", "SimConfig", "cpu_flags",
+           "make_engine", "resolve_dtype"]
 
 
 def make_engine(config: EngineConfig, run_dir: str | os.PathLike = ".") -> Engine:
@@ -23,4 +24,8 @@ def make_engine(config: EngineConfig, run_dir: str | os.PathLike = ".") -> Engin
 
         return ServerEngine(config.model, config.server, os.path.join(run_dir, "server_journal.jsonl"),
                             config.max_model_len)
-    raise ValueError(f"engine.backend={config.backend!r}; use vllm or server")
+    if config.backend == "sim":
+        from factory.engines.simengine import SimEngine
+
+        return SimEngine(config.model, config.sim, config.max_model_len)
+    raise ValueError(f"engine.backend={config.backend!r}; use vllm, server or sim")

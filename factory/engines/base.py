@@ -96,6 +96,22 @@ class ServerConfig:
 
 
 @dataclass
+class SimConfig:
+    """The simulated teacher of `factory.engines.simserver` run in this process (`backend: sim`),
+    for fleet benchmarks and tests: on `executor: ray` each engine replica holds its own."""
+    slots: int = 256
+    """Sequences decoded at once (vLLM's max_num_seqs)."""
+    rate: float = 2000.0
+    """Tokens per second per slot."""
+    median: float = 3000.0
+    """Median trace length in tokens (lognormal)."""
+    sigma: float = 0.8
+    """Lognormal sigma of trace lengths."""
+    tokenizer: str | None = None
+    """Local tokenizer dir for the chat template and prompt lengths; unset: engine.model as a directory."""
+
+
+@dataclass
 class PriceConfig:
     """What the teacher's tokens cost, for the estimate in a run's summary and dataset card."""
     prompt_per_million: float = 0.0
@@ -108,9 +124,12 @@ class PriceConfig:
 @dataclass
 class EngineConfig:
     backend: str = "vllm"
-    """vllm: in-process offline engine | server: an OpenAI-compatible server (engine.server)."""
+    """vllm: in-process offline engine | server: an OpenAI-compatible server (engine.server) |
+    sim: the simulated teacher in this process (engine.sim; benchmarks and tests)."""
     server: ServerConfig = field(default_factory=ServerConfig)
     """The server backend's settings (unused by backend: vllm)."""
+    sim: SimConfig = field(default_factory=SimConfig)
+    """The simulated teacher's settings (backend: sim only)."""
     model: str = ""
     """Local model directory (or hub name where the hub is reachable); with backend: server, the served model's name."""
     dtype: str = "auto"

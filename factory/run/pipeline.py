@@ -10,8 +10,8 @@ and cut their output into shards; rewrite, rollout, grade, judge and score map o
 killed run redoes at most the shards it was writing (topup, a map stage too, sends more samples
 to the problems the teacher rarely solves: factory.stages.topup). On the local executor rollout streams
 every pending shard through one engine (`factory.run.continuous`: per-problem durability,
-no idle teacher at shard ends); executor=ray maps shards over actors
-(`factory.run.ray_executor`). curate maps over the graded shards (a problem's traces are all
+no idle teacher at shard ends); executor=ray does the same over engine replica actors and maps
+grade and score shards over actors (`factory.run.ray_executor`). curate maps over the graded shards (a problem's traces are all
 in one), then merges their sorted outputs into the products. The optional stages (rewrite,
 dedup, decontam, topup, judge, score) run when the recipe has their section.
 """
@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,11 +32,11 @@ from factory import config as config_mod, console
 from factory.stages import grade
 from factory import schema, store
 from factory.stages.curate import CurateConfig, curate_table
-from factory.stages.decontam import BenchmarkIndex, DecontamConfig, decontam_table
-from factory.stages.dedup import DedupConfig, dedup_table
+from factory.stages.decontam import BenchmarkIndex, DecontamConfig, decontam_rows
+from factory.stages.dedup import DedupConfig, dedup_rows
 from factory.engines import Engine, EngineConfig
 from factory.stages.grade import GradeConfig
-from factory.stages.ingest import IngestConfig, ingest
+from factory.stages.ingest import IngestConfig, ingest_rows
 from factory.run.card import write_card
 from factory.run.progress import Progress
 from factory.run.report import summary
@@ -113,6 +113,40 @@ def _input_signature(paths: list[str]) -> list:
     return sig
 
 
+class ProblemShards:
+    """A global stage's output (ingest, dedup, decontam) written as it is made: kept rows in
+    shards of `size` (ingest.problems_per_shard), each with the rejected rows that came since
+    the previous one; the stage's counts (rows in, drops, its own stats) go on the last shard,
+    so the manifest's sums are the stage's. Memory: one shard of rows (and its rejects)."""
+
+    def __init__(self, sd: store.StageDir, size: int, table_schema: pa.Schema):
+        self.sd, self.size, self.schema = sd, max(1, size), table_schema
+        self.rows, self.rejected, self.shards, self.kept, self.dropped = [], [], 0, 0, 0
+        self.reasons: dict[str, int] = {}
+
+    def add(self, row: dict | None, rejected: dict | None = None) -> None:
+        if row is not None:
+            if len(self.rows) == self.size:  # a full shard is written once a row follows it, so the last
+                self._write({"rows_in": 0, "dropped": {}, "seconds": 0.0})  # is never an empty one
+            self.rows.append(row)
+            self.kept += 1
+        if rejected is not None:
+            self.rejected.append(rejected)
+            self.dropped += 1
+            self.reasons[rejected["drop_reason"]] = self.reasons.get(rejected["drop_reason"], 0) + 1
+
+    def _write(self, stats: dict) -> None:
+        out = pa.Table.from_pylist(self.rows, schema=self.schema)
+        self.sd.write_shard(self.shards, out, schema.table(self.rejected, schema.REJECTED), {**stats, "rows_out": out.num_rows})
+        self.rows, self.rejected, self.shards = [], [], self.shards + 1
+
+    def finish(self, stats: dict, t0: float) -> None:
+        """Write the last shard (one, empty, if nothing was kept) with the stage's counts."""
+        self._write({**stats, "rows_in": self.kept + self.dropped, "dropped": dict(self.reasons),
+                     "seconds": time.perf_counter() - t0})
+        self.sd.finish(self.shards, {})
+
+
 class Runner:
     """Runs a recipe's stages into run.output_dir, reusing finished work."""
 
@@ -124,6 +158,7 @@ class Runner:
         self._scorer = scorer
         self._rewriter = rewriter
         self._judge = judge
+        self._fleets: list = []  # engines this Runner started on Ray's replica actors (closed before a Ray Data stage)
         self._pool = None
         self.log = log
         self.stats: dict[str, dict] = {}
@@ -136,9 +171,32 @@ class Runner:
             from factory.engines import make_engine
 
             e = self.recipe.engine
+            if self.on_ray(e):
+                return self._start_engine(e, self.run_dir)
             self.log(f"starting vLLM with {e.model} ..." if e.backend == "vllm" else f"teacher server {e.server.base_url} ({e.model})")
             self._engine = make_engine(e, self.run_dir)
         return self._engine
+
+    def on_ray(self, e: EngineConfig) -> bool:
+        """Whether engine `e` runs on Ray's replica actors (executor=ray; a server is its own fleet)."""
+        return getattr(self.recipe, "executor", "local") == "ray" and e.backend != "server"
+
+    def _start_engine(self, e: EngineConfig, run_dir: Path, slot: str = "_engine") -> Engine:
+        """Engine `e` as an EngineFleet on Ray, kept in `slot` until release_fleets."""
+        from factory.run.ray_executor import engine_fleet
+
+        fleet = engine_fleet(self.recipe, e, run_dir, self.log)
+        setattr(self, slot, fleet)
+        self._fleets.append((slot, fleet))
+        return fleet
+
+    def release_fleets(self) -> None:
+        """Stop the engine fleets this Runner started (a later stage that needs one starts it again)."""
+        for slot, fleet in self._fleets:
+            fleet.close()
+            if getattr(self, slot) is fleet:
+                setattr(self, slot, None)
+        self._fleets = []
 
     @property
     def started_engine(self) -> Engine | None:
@@ -157,7 +215,10 @@ class Runner:
             from factory.engines import make_engine
 
             self.log(f"starting the judge {model} ...")
-            self._judge = make_engine(replace(self.recipe.engine, model=model), self.run_dir / "judge")
+            e = replace(self.recipe.engine, model=model)
+            if self.on_ray(e):
+                return self._start_engine(e, self.run_dir / "judge", "_judge")
+            self._judge = make_engine(e, self.run_dir / "judge")
         return self._judge
 
     @property
@@ -171,7 +232,10 @@ class Runner:
             from factory.engines import make_engine
 
             self.log(f"starting the rewriter {model} ...")
-            self._rewriter = make_engine(replace(self.recipe.engine, model=model), self.run_dir / "rewriter")
+            e = replace(self.recipe.engine, model=model)
+            if self.on_ray(e):
+                return self._start_engine(e, self.run_dir / "rewriter", "_rewriter")
+            self._rewriter = make_engine(e, self.run_dir / "rewriter")
         return self._rewriter
 
     # -- stages ----------------------------------------------------------------------------
@@ -183,43 +247,35 @@ class Runner:
         if not (sd.open(fp, config_mod.to_dict(cfg)) and sd.complete):
             t0 = time.perf_counter()
             self.progress.begin("ingest", len(cfg.paths), unit="file")
-            problems, rejected, messages = ingest(cfg)
-            for m in messages[:20]:
-                self.log(f"ingest: rejected {m}")
-            if len(messages) > 20:
-                self.log(f"ingest: ... and {len(messages) - 20} more rejected rows (see rejected/)")
-            self.write_problem_shards(sd, problems, rejected, {}, problems.num_rows + rejected.num_rows, t0)
-            self.progress.advance(len(cfg.paths), problems=problems.num_rows, rejected=rejected.num_rows)
+            out, shown = ProblemShards(sd, self.recipe.ingest.problems_per_shard, schema.PROBLEMS), 0
+            for row, bad, message in ingest_rows(cfg):
+                out.add(row, bad)
+                if message and shown < 20:
+                    self.log(f"ingest: rejected {message}")
+                shown += bool(message)
+            if shown > 20:
+                self.log(f"ingest: ... and {shown - 20} more rejected rows (see rejected/)")
+            out.finish({}, t0)
+            self.progress.advance(len(cfg.paths), problems=out.kept, rejected=out.dropped)
             self.progress.end()
         return sd
 
-    def write_problem_shards(self, sd: store.StageDir, out: pa.Table, rejected: pa.Table, stats: dict,
-                             rows_in: int, t0: float) -> None:
-        """A global stage's output cut into ingest.problems_per_shard shards; the stage's counts
-        (rows in, drops, its own stats) go on shard 0, so the manifest's sums are the stage's."""
-        size = max(1, self.recipe.ingest.problems_per_shard)
-        n_shards = max(1, -(-out.num_rows // size))
-        for i in range(n_shards):
-            first, part = i == 0, out.slice(i * size, size)
-            sd.write_shard(i, part, rejected if first else rejected.slice(0, 0), {
-                **(stats if first else {}), "rows_in": rows_in if first else 0, "rows_out": part.num_rows,
-                "dropped": store.count_reasons(rejected) if first else {},
-                "seconds": time.perf_counter() - t0 if first else 0.0})
-        sd.finish(n_shards, {})
-
-    def run_whole(self, name: str, upstream: store.StageDir, cfg, fn: Callable[[pa.Table], tuple],
-                  extra_fp=()) -> store.StageDir:
-        """A global stage: the whole upstream table in, re-sharded like ingest's output."""
+    def run_global(self, name: str, upstream: store.StageDir, cfg, rows: Callable[[store.Shards, dict], Iterator],
+                   extra_fp=()) -> store.StageDir:
+        """A global stage (dedup, decontam): `rows(upstream shards, stats)` yields every row in
+        input order with whether it is kept, reading the shards as often as it needs; the output
+        is re-sharded like ingest's, a shard at a time."""
         sd = store.StageDir(self.run_dir, name)
         fp = store.fingerprint(name, config_mod.to_dict(cfg), upstream.fingerprint, *extra_fp)
         if sd.open(fp, config_mod.to_dict(cfg)) and sd.complete:
             return sd
         t0 = time.perf_counter()
         self.progress.begin(name, 1, unit="table")
-        table = upstream.read()
-        out, rejected, stats = fn(table)
-        self.write_problem_shards(sd, out, rejected, stats, table.num_rows, t0)
-        self.progress.advance(1, problems=out.num_rows, rejected=rejected.num_rows)
+        out, stats = ProblemShards(sd, self.recipe.ingest.problems_per_shard, pq.read_schema(upstream.shard(0))), {}
+        for keep, row in rows(store.Shards.of(upstream), stats):
+            out.add(row if keep else None, None if keep else row)
+        out.finish(stats, t0)
+        self.progress.advance(1, problems=out.kept, rejected=out.dropped)
         self.progress.end()
         return sd
 
@@ -233,17 +289,18 @@ class Runner:
         return self.run_map("rewrite", upstream, cfg, extra_fp=extra)
 
     def run_dedup(self, upstream: store.StageDir) -> store.StageDir:
-        return self.run_whole("dedup", upstream, self.recipe.dedup, lambda t: dedup_table(t, self.recipe.dedup))
+        return self.run_global("dedup", upstream, self.recipe.dedup,
+                               lambda shards, stats: dedup_rows(shards, self.recipe.dedup, stats))
 
     def run_decontam(self, upstream: store.StageDir) -> store.StageDir:
         cfg = self.recipe.decontam
 
-        def fn(t: pa.Table):
-            return decontam_table(t, BenchmarkIndex(cfg.benchmarks, cfg.ngram))
+        def rows(shards: store.Shards, stats: dict):
+            return decontam_rows(shards, BenchmarkIndex(cfg.benchmarks, cfg.ngram), stats)
 
         # the benchmark files are inputs: editing one reruns the check
         files = _input_signature([p for b in cfg.benchmarks for p in b.paths])
-        return self.run_whole("decontam", upstream, cfg, fn, extra_fp=(files,))
+        return self.run_global("decontam", upstream, cfg, rows, extra_fp=(files,))
 
     def shard_fn(self, name: str) -> Callable[[pa.Table], tuple]:
         """The per-shard function of map stage `name`: table -> (out, rejected, stats).
@@ -291,7 +348,8 @@ class Runner:
         return self._pool
 
     def close(self) -> None:
-        """Stop the grading workers (engines passed in stay up: their owner closes them)."""
+        """Stop the grading workers and the engine fleets (engines passed in stay up: their owner closes them)."""
+        self.release_fleets()
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -326,7 +384,7 @@ class Runner:
             if stats is None or stats.get("source") != upstream.seal(i):
                 pending.append(i)
             elif self.recipe.rollout.retry_failed and failed_requests(stats):
-                if name == "rollout" and getattr(self.recipe, "executor", "local") != "ray":
+                if name == "rollout":  # streamed on both executors (Ray: through the replica fleet)
                     from factory.run.continuous import reopen
 
                     failed = reopen(sd, upstream, i, self.recipe.rollout, self.engine)
@@ -343,9 +401,12 @@ class Runner:
         if not pending and sd.complete:
             return sd
         sd.unfinish()
-        if getattr(self.recipe, "executor", "local") == "ray":
+        summary = {}
+        if getattr(self.recipe, "executor", "local") == "ray" and name in ("grade", "score"):
             from factory.run.ray_executor import map_shards
 
+            if pending:
+                self.release_fleets()  # their CPUs / GPUs go to the stage's actors
             self.progress.begin(name, n, n - len(pending))
             map_shards(type(self), self.recipe, name, upstream.name, pending, self.log,
                        on_shard=lambda stats: self.progress.advance(1, **shard_counts(stats)))
@@ -360,12 +421,14 @@ class Runner:
                            on_seal=lambda i, stats: self.progress.add(shards=1),
                            on_problem=lambda k, traces, tokens, **more: self.progress.advance(
                                k, traces=traces, tokens=tokens, **more))
+            if pending and hasattr(engine, "replicas"):  # an EngineFleet: what each replica did this launch
+                summary["replicas"] = engine.stats()
         else:
             self.progress.begin(name, n, n - len(pending))
             for i in pending:
                 self.progress.advance(1, **shard_counts(self.process_shard(name, upstream.name, i)))
         self.progress.end()
-        sd.finish(n, {})
+        sd.finish(n, summary)
         return sd
 
     def run_rollout(self, upstream: store.StageDir) -> store.StageDir:

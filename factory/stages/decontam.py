@@ -21,10 +21,11 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
 
-from factory import schema
+from factory import schema, store
 from factory.stages.ingest import IngestError, read_any
 
 
@@ -94,30 +95,43 @@ class BenchmarkIndex:
 
 
 def decontam_table(problems: pa.Table, index: BenchmarkIndex) -> tuple[pa.Table, pa.Table, dict]:
-    """Drop the rows of `problems` that overlap `index`, and rewrites of such rows.
+    """Drop the rows of an in-memory table that overlap `index`, and rewrites of such rows.
 
     Returns:
         (kept problems, rejected rows, stats: contaminated count per benchmark).
     """
-    rows = problems.to_pylist()
-    found = {r["problem_id"]: m for r in rows if (m := index.match(r["question"]))}
-    hit = {pid: m[1][0] for pid, m in found.items()}  # problem_id -> benchmark
-    kept, rejected, per_benchmark = [], [], {}
-    for r in rows:
-        pid, parent = r["problem_id"], r.get("parent_problem_id")
-        if pid in found:
-            gram, (name, file, row) = found[pid]
-            rejected.append(schema.rejected_row(
-                "decontam", "contaminated", {**r, "benchmark": name}, problem_id=pid,
-                detail=f"shares the {len(gram)}-gram {' '.join(gram)!r} with benchmark {name} ({file} row {row})"))
-        elif parent in hit:
-            name = hit[parent]
-            rejected.append(schema.rejected_row(
-                "decontam", "contaminated_parent", {**r, "benchmark": name}, problem_id=pid,
-                detail=f"a rewrite of problem {parent}, which overlaps benchmark {name}"))
-        else:
-            kept.append(r)
-            continue
-        per_benchmark[name] = per_benchmark.get(name, 0) + 1
-    return (pa.Table.from_pylist(kept, schema=problems.schema), schema.table(rejected, schema.REJECTED),
-            {"contaminated_by": per_benchmark})
+    kept, rejected, stats = [], [], {}
+    for keep, row in decontam_rows(store.Shards.of_table(problems), index, stats):
+        (kept if keep else rejected).append(row)
+    return pa.Table.from_pylist(kept, schema=problems.schema), schema.table(rejected, schema.REJECTED), stats
+
+
+def decontam_rows(problems: store.Shards, index: BenchmarkIndex, stats: dict) -> Iterator[tuple[bool, dict]]:
+    """Every row of `problems` in input order, with whether it is kept (a dropped row comes as
+    its rejected row); `stats` gets the count per benchmark. Two passes over the shards: the
+    first finds the contaminated problems (their ids and benchmark: memory bounded by the
+    contamination, not the run), the second drops them and the rewrites of any of them."""
+    hit = {}  # problem_id -> benchmark
+    for t in problems.tables(["problem_id", "question"]):
+        for pid, q in zip(t.column("problem_id").to_pylist(), t.column("question").to_pylist()):
+            if (m := index.match(q)) is not None:
+                hit[pid] = m[1][0]
+    per_benchmark: dict[str, int] = {}
+    for t in problems.tables():
+        for r in t.to_pylist():
+            pid, parent = r["problem_id"], r.get("parent_problem_id")
+            if pid in hit:
+                gram, (name, file, row) = index.match(r["question"])
+                yield False, schema.rejected_row(
+                    "decontam", "contaminated", {**r, "benchmark": name}, problem_id=pid,
+                    detail=f"shares the {len(gram)}-gram {' '.join(gram)!r} with benchmark {name} ({file} row {row})")
+            elif parent in hit:
+                name = hit[parent]
+                yield False, schema.rejected_row(
+                    "decontam", "contaminated_parent", {**r, "benchmark": name}, problem_id=pid,
+                    detail=f"a rewrite of problem {parent}, which overlaps benchmark {name}")
+            else:
+                yield True, r
+                continue
+            per_benchmark[name] = per_benchmark.get(name, 0) + 1
+    stats["contaminated_by"] = per_benchmark

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
+import heapq
 import json
 import re
 from dataclasses import dataclass, field
@@ -131,11 +131,14 @@ class Raw:
 
 
 def _decode_lines(path: Path) -> Iterator[tuple[int, str | None, bytes]]:
-    for i, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        try:
-            yield i, raw.decode("utf-8"), raw
-        except UnicodeDecodeError:
-            yield i, None, raw
+    # line by line from the file: an input of millions of rows is never held whole
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            raw = raw.rstrip(b"\n").rstrip(b"\r")
+            try:
+                yield i, raw.decode("utf-8"), raw
+            except UnicodeDecodeError:
+                yield i, None, raw
 
 
 def read_jsonl(path: Path) -> Iterator[Raw]:
@@ -165,8 +168,11 @@ def read_json(path: Path) -> Iterator[Raw]:
 
 def read_csv(path: Path) -> Iterator[Raw]:
     # surrogateescape keeps undecodable bytes visible per row instead of failing the file
-    text = path.read_bytes().decode("utf-8", "surrogateescape")
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        yield from _csv_rows(path, csv.DictReader(f))
+
+
+def _csv_rows(path: Path, reader: csv.DictReader) -> Iterator[Raw]:
     for rec in reader:
         row = reader.line_num
         if any(isinstance(v, str) and re.search(r"[\udc80-\udcff]", v) for v in rec.values()):
@@ -177,9 +183,12 @@ def read_csv(path: Path) -> Iterator[Raw]:
             yield Raw(str(path), row, rec)
 
 
-def read_table(path: Path, table: pa.Table) -> Iterator[Raw]:
-    for i, rec in enumerate(table.to_pylist()):
-        yield Raw(str(path), i, rec)
+def read_table(path: Path, batches: Iterator[pa.RecordBatch]) -> Iterator[Raw]:
+    i = 0
+    for batch in batches:  # a batch at a time: a big table is never a list of every row
+        for rec in batch.to_pylist():
+            yield Raw(str(path), i, rec)
+            i += 1
 
 
 def parse_hub(spec: str) -> tuple[str, str | None, str]:
@@ -216,7 +225,7 @@ def read_any(path: Path) -> Iterator[Raw]:
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             raise IngestError(f"{path}: a DatasetDict; point paths at one split's directory")
-        yield from read_table(path, ds.data.table)
+        yield from read_table(path, ds.data.table.to_batches(max_chunksize=1024))
         return
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
@@ -227,10 +236,10 @@ def read_any(path: Path) -> Iterator[Raw]:
         yield from read_csv(path)
     elif suffix == ".parquet":
         try:
-            t = pq.read_table(path)
+            f = pq.ParquetFile(path)
         except (pa.ArrowInvalid, OSError) as e:
             raise IngestError(f"{path}: not a readable Parquet file ({e})") from None
-        yield from read_table(path, t)
+        yield from read_table(path, f.iter_batches(batch_size=1024))
     else:
         raise IngestError(f"{path}: unknown format {suffix!r} (use .jsonl, .json, .csv, .parquet or a datasets dir)")
 
@@ -394,12 +403,57 @@ def validate(raw: Raw, cfg: IngestConfig) -> tuple[dict | None, str, str]:
 
 
 def ingest(cfg: IngestConfig) -> tuple[pa.Table, pa.Table, list[str]]:
-    """Read every path; return (problems, rejected, messages for the user)."""
+    """Read every path; return (problems, rejected, messages for the user). In memory: for
+    tests and small inputs; the pipeline streams `ingest_rows`."""
+    rows, rejected, messages = [], [], []
+    for row, bad, message in ingest_rows(cfg):
+        if row is not None:
+            rows.append(row)
+        else:
+            rejected.append(bad)
+            if message:
+                messages.append(message)
+    return schema.table(rows, schema.PROBLEMS), schema.table(rejected, schema.REJECTED), messages
+
+
+def ingest_rows(cfg: IngestConfig) -> Iterator[tuple[dict | None, dict | None, str]]:
+    """Every input row in input order, as (problem, None, "") or (None, rejected row, message
+    for the user: empty for duplicates and rows left out by `sample`).
+
+    Memory is bounded by a row, not the inputs: exact duplicates are found through a 128-bit
+    hash of each kept question and of each problem_id, with the kept problem_id (~250 bytes per
+    problem in all); `sample` reads the inputs twice, keeping only the `sample` smallest ranks
+    in between.
+    """
     if not cfg.paths:
         raise IngestError("ingest.paths is empty: name at least one input file")
     cfg = resolve(cfg)
-    rows, rejected, messages = [], [], []
-    seen: dict[str, str] = {}
+    if cfg.sample is None:
+        yield from _unique_rows(cfg)
+        return
+    rank = lambda r: int.from_bytes(hashlib.sha256(f"{cfg.sample_seed}:{r['problem_id']}".encode()).digest(), "big")  # noqa: E731
+    smallest, valid = [], 0  # a max-heap (negated) of the `sample` smallest ranks
+    for row, _, _ in _unique_rows(cfg):
+        if row is not None:
+            valid += 1
+            heapq.heappush(smallest, -rank(row))
+            if len(smallest) > cfg.sample:
+                heapq.heappop(smallest)
+    cut = -smallest[0] if smallest and valid > cfg.sample else None
+    del smallest
+    for row, bad, message in _unique_rows(cfg):
+        if row is not None and cut is not None and rank(row) > cut:
+            yield None, schema.rejected_row("ingest", "not_sampled", row, f"ingest.sample={cfg.sample} of "
+                                            f"{valid} (seed {cfg.sample_seed})", problem_id=row["problem_id"]), ""
+        else:
+            yield row, bad, message
+
+
+def _unique_rows(cfg: IngestConfig) -> Iterator[tuple[dict | None, dict | None, str]]:
+    """Validated rows of every path, exact-duplicate questions (and repeated ids) rejected."""
+    seen: dict[bytes, str] = {}  # hash of a kept question's normalized text -> its problem_id
+    ids: set[bytes] = set()  # hashes of the kept problem_ids
+    digest = lambda text: hashlib.blake2b(text.encode(), digest_size=16).digest()  # noqa: E731
     for p in cfg.paths:
         if str(p).startswith(HUB_PREFIX):
             raws = read_hub(str(p))
@@ -411,24 +465,15 @@ def ingest(cfg: IngestConfig) -> tuple[pa.Table, pa.Table, list[str]]:
         for raw in raws:
             row, reason, detail = validate(raw, cfg)
             if row is None:
-                rejected.append(schema.rejected_row("ingest", reason, raw.record, detail))
-                messages.append(detail)
+                yield None, schema.rejected_row("ingest", reason, raw.record, detail), detail
                 continue
-            key = normalize_question(row["question"])
-            if key in seen or row["problem_id"] in seen.values():
+            key, pid = digest(normalize_question(row["question"])), digest(row["problem_id"])
+            if key in seen or pid in ids:
                 kept = seen.get(key, row["problem_id"])
-                rejected.append(schema.rejected_row(
+                yield None, schema.rejected_row(
                     "ingest", "duplicate_question", row,
-                    f"{raw.file} row {raw.row}: duplicates problem {kept}", problem_id=row["problem_id"]))
+                    f"{raw.file} row {raw.row}: duplicates problem {kept}", problem_id=row["problem_id"]), ""
                 continue
             seen[key] = row["problem_id"]
-            rows.append(row)
-    if cfg.sample is not None and cfg.sample < len(rows):
-        rank = lambda r: hashlib.sha256(f"{cfg.sample_seed}:{r['problem_id']}".encode()).digest()  # noqa: E731
-        chosen = {r["problem_id"] for r in sorted(rows, key=rank)[: cfg.sample]}
-        for r in rows:
-            if r["problem_id"] not in chosen:
-                rejected.append(schema.rejected_row("ingest", "not_sampled", r, f"ingest.sample={cfg.sample} of "
-                                                    f"{len(rows)} (seed {cfg.sample_seed})", problem_id=r["problem_id"]))
-        rows = [r for r in rows if r["problem_id"] in chosen]  # file order kept
-    return schema.table(rows, schema.PROBLEMS), schema.table(rejected, schema.REJECTED), messages
+            ids.add(pid)
+            yield row, None, ""

@@ -139,7 +139,7 @@ def prepare(rows: list[dict], cfg: RolloutConfig, engine: Engine) -> tuple[list[
         raise ValueError("rollout.max_think_tokens continues cut traces from their text: it needs "
                          "engine.server.api: completions (a chat API cannot continue a message)")
     prompts = [render_prompt(r["question"], cfg, engine) for r in rows]
-    token_ids = engine.tokenize(prompts)
+    token_ids = engine.tokenize(prompts) if prompts else []  # a tokenizer fails on an empty batch
     fits, rejected, shrunk = [], [], 0
     for row, prompt, ids in zip(rows, prompts, token_ids):
         room = engine.max_model_len - len(ids)

@@ -31,8 +31,9 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -152,45 +153,88 @@ class Rewards:
 PROBLEM_COLUMNS = ["problem_id", "question", "answer", "domain", "choices", "split", "level"]
 
 
-def read_problems(run_dir: str | Path) -> tuple[pa.Table, dict]:
+DIFFICULTY_COLUMNS = ["problem_id", "num_traces", "num_correct", "pass_rate", "difficulty"]
+
+
+def read_problems(run_dir: str | Path, spill: str | Path | None = None) -> tuple[pa.Table, dict]:
     """One row per graded problem of a run: its fields, pass rate, difficulty and whether any of
-    its traces was unverifiable; and the files read, with their sha256."""
+    its traces was unverifiable; and the files read, with their sha256.
+
+    Read a grade shard at a time (a problem's traces all live in one shard), joined with the
+    difficulty table's numbers (~50 bytes per problem, the only thing held for the whole run).
+    With `spill` (a file), the rows go there as they are made (Arrow IPC) and the table returned
+    is memory-mapped from it, so the texts stay in the file rather than in this process."""
     run = Path(run_dir)
     diff_path = run / "difficulty.parquet"
     if not diff_path.exists():
         raise FileNotFoundError(f"{diff_path}: not found; data.run_dir must be a finished `factory run` directory")
     grade = store.StageDir(run, "grade")
     files = [grade.shard(i) for i in range(grade.num_shards())]
-    seen: dict[str, dict] = {}
+    # the difficulty table is sorted by problem_id: its ids as fixed-width bytes and its numbers as
+    # arrays are the lookup (~50 bytes per problem); a shard's problems find theirs by binary search
+    diff = pq.read_table(diff_path, columns=DIFFICULTY_COLUMNS)
+    diff_ids = _id_bytes(diff["problem_id"].to_pylist())
+    numbers = {c: diff[c].to_numpy() for c in DIFFICULTY_COLUMNS[1:]}
+    del diff
+    parts, writer = [], None
     for f in files:
         t = pq.read_table(f, columns=PROBLEM_COLUMNS + ["verdict"])
+        seen: dict[str, dict] = {}
         for r in t.to_pylist():
             p = seen.setdefault(r["problem_id"], {c: r[c] for c in PROBLEM_COLUMNS} | {"unverifiable": False})
             p["unverifiable"] |= r["verdict"] == verify.UNVERIFIABLE
-    diff = pq.read_table(diff_path, columns=["problem_id", "num_traces", "num_correct", "pass_rate", "difficulty"])
-    rows = [seen[r["problem_id"]] | r for r in diff.to_pylist() if r["problem_id"] in seen]
+        columns = pa.schema(list(t.schema.remove(t.schema.get_field_index("verdict"))) + [pa.field("unverifiable", pa.bool_())])
+        part = pa.Table.from_pylist(sorted(seen.values(), key=lambda r: r["problem_id"]), schema=columns)
+        ids = _id_bytes(part["problem_id"].to_pylist())
+        at = np.minimum(np.searchsorted(diff_ids, ids), max(0, len(diff_ids) - 1))
+        found = (diff_ids[at] == ids) if len(diff_ids) else np.zeros(len(ids), dtype=bool)
+        part = part.filter(pa.array(found))  # a problem missing from the difficulty table is not trained on
+        for c, values in numbers.items():
+            part = part.append_column(c, pa.array(values[at[found]]))
+        if spill is None:
+            parts.append(part)
+            continue
+        if writer is None:
+            Path(spill).parent.mkdir(parents=True, exist_ok=True)
+            writer = pa.ipc.new_file(str(spill), part.schema)
+        writer.write_table(part)
     consumed = {"run_dir": str(run.resolve()), "files": [
         {"file": str(p.relative_to(run)), "sha256": store.sha256_file(p)} for p in [diff_path, *files]]}
-    return pa.Table.from_pylist(rows), consumed
+    if spill is None:
+        return pa.concat_tables(parts) if parts else pa.table({}), consumed
+    if writer is None:
+        return pa.table({}), consumed
+    writer.close()
+    return pa.ipc.open_file(pa.memory_map(str(spill))).read_all(), consumed
+
+
+def _id_bytes(ids: list[str]) -> np.ndarray:
+    # UTF-8 bytes sort as their strings do (code point order), so a sorted id column stays sorted
+    return np.array([i.encode() for i in ids], dtype=np.bytes_) if ids else np.array([], dtype="S1")
+
+
+def selection(problems: pa.Table, cfg: GRPOData) -> tuple[np.ndarray, dict[str, int]]:
+    """A mask of the problems RL can learn from, and how many were left out for each reason (a
+    problem is counted under its first reason); computed on the small columns only."""
+    import pyarrow.compute as pc
+
+    if problems.num_rows == 0:
+        return np.zeros(0, dtype=bool), {"split": 0, "unverifiable": 0, "all_solved": 0, "none_solved": 0}
+    split = pc.fill_null(pc.is_in(problems["split"], value_set=pa.array(cfg.splits, pa.string())), False).to_numpy(False)
+    unverifiable = problems["unverifiable"].to_numpy(False)
+    rate = problems["pass_rate"].to_numpy(False)
+    solved = (rate >= 1.0) & (not cfg.keep_all_solved)
+    unsolved = (rate <= 0.0) & (not cfg.keep_none_solved)
+    left_out = {"split": int((~split).sum()), "unverifiable": int((split & unverifiable).sum()),
+                "all_solved": int((split & ~unverifiable & solved).sum()),
+                "none_solved": int((split & ~unverifiable & ~solved & unsolved).sum())}
+    return split & ~unverifiable & ~solved & ~unsolved, left_out
 
 
 def select_problems(problems: pa.Table, cfg: GRPOData) -> tuple[pa.Table, dict[str, int]]:
-    """The problems RL can learn from, and how many were left out for each reason (a problem is
-    counted under its first reason)."""
-    def reason(r: dict) -> str | None:
-        if r["split"] not in cfg.splits:
-            return "split"
-        if r["unverifiable"]:
-            return "unverifiable"
-        if r["pass_rate"] >= 1.0 and not cfg.keep_all_solved:
-            return "all_solved"
-        if r["pass_rate"] <= 0.0 and not cfg.keep_none_solved:
-            return "none_solved"
-        return None
-
-    why = [reason(r) for r in problems.to_pylist()]
-    left_out = {k: why.count(k) for k in ("split", "unverifiable", "all_solved", "none_solved")}
-    return problems.filter(pa.array([w is None for w in why])), left_out
+    """The problems RL can learn from (a table), and how many were left out for each reason."""
+    keep, left_out = selection(problems, cfg)
+    return problems.filter(pa.array(keep)) if problems.num_rows else problems, left_out
 
 
 def prompt_of(question: str, rollout: RolloutConfig):
@@ -223,10 +267,16 @@ def prompts_per_step(recipe: GRPORecipe, world: int = 1) -> int:
 
 @dataclass
 class Plan:
-    problems: pa.Table  # selected, in training order (a row per prompt seen)
+    problems: pa.Table  # every graded problem (memory-mapped from the train output dir)
+    order: np.ndarray  # the rows of `problems` the trainer sees, in training order (one per prompt)
     rollout: RolloutConfig
     args: object
     report: dict
+
+    def rows(self, batch: int = 1024) -> Iterator[dict]:
+        """The prompts' problems in training order, a batch of rows taken at a time."""
+        for start in range(0, len(self.order), batch):
+            yield from self.problems.take(pa.array(self.order[start:start + batch])).to_pylist()
 
 
 def trl_args(recipe: GRPORecipe):
@@ -253,32 +303,39 @@ def trl_args(recipe: GRPORecipe):
         **t.extra)
 
 
-def plan(recipe: GRPORecipe, log: Callable[[str], None] = console.say) -> Plan:
-    """Read the run, choose the prompts and their order, build TRL's arguments (no weights)."""
+def plan(recipe: GRPORecipe, log: Callable[[str], None] = console.say, spill: Path | None = None) -> Plan:
+    """Read the run, choose the prompts and their order, build TRL's arguments (no weights).
+    The run's problems are memory-mapped from `spill` (default TRAIN.output_dir/problems.arrow)."""
     d = recipe.data
     check_train_only(recipe.model)
-    problems, consumed = read_problems(d.run_dir)
-    selected, left_out = select_problems(problems, d)
-    if selected.num_rows == 0:
+    problems, consumed = read_problems(d.run_dir, spill or Path(recipe.train.output_dir) / "problems.arrow")
+    keep, left_out = selection(problems, d)
+    chosen = np.flatnonzero(keep)
+    if len(chosen) == 0:
         raise ValueError(f"{d.run_dir}: no problem is left to train on ({problems.num_rows} read; left out: "
                          f"{left_out}); set data.keep_all_solved / keep_none_solved or check data.splits")
-    selected = selected.sort_by([("difficulty", "ascending"), ("problem_id", "ascending")])
+    # sorted on the small keys only: the texts stay where they are
+    keys = problems.select(["difficulty", "problem_id"]).take(pa.array(chosen))
+    import pyarrow.compute as pc
+
+    chosen = chosen[pc.sort_indices(keys, [("difficulty", "ascending"), ("problem_id", "ascending")]).to_numpy()]
     if d.max_problems:
-        selected = selected.slice(0, d.max_problems)
+        chosen = chosen[: d.max_problems]
+    selected_rows = len(chosen)
     per_step = prompts_per_step(recipe)
-    order = training_order(selected["difficulty"].to_pylist(), d.order, per_step)
+    order = training_order(problems["difficulty"].take(pa.array(chosen)).to_pylist(), d.order, per_step)
     max_steps = recipe.train.extra.get("max_steps", -1)
     if max_steps and max_steps > 0:
         order = order[: max_steps * per_step]
     rollout = run_rollout_config(d.run_dir, d)
     args = trl_args(recipe)
     report = {"kind": "grpo", "recipe": config_mod.to_dict(recipe), "data": consumed,
-              "prompts": {"read": problems.num_rows, "selected": selected.num_rows, "left_out": left_out,
+              "prompts": {"read": problems.num_rows, "selected": selected_rows, "left_out": left_out,
                           "seen": len(order), "per_step": per_step, "steps": -(-len(order) // per_step),
                           "strategy": d.order.strategy, "prompt_format": rollout.prompt_format}}
-    log(f"grpo: {selected.num_rows} of {problems.num_rows} problems ({', '.join(f'{k}={v}' for k, v in left_out.items() if v)}"
+    log(f"grpo: {selected_rows} of {problems.num_rows} problems ({', '.join(f'{k}={v}' for k, v in left_out.items() if v)}"
         f" left out), {len(order)} prompts x {recipe.grpo.num_generations} completions in {report['prompts']['steps']} steps")
-    return Plan(selected.take(order), rollout, args, report)
+    return Plan(problems, chosen[np.asarray(order, dtype=np.int64)], rollout, args, report)
 
 
 def reward_history(log_history: list[dict]) -> list[dict]:
@@ -290,13 +347,42 @@ def reward_history(log_history: list[dict]) -> list[dict]:
             for h in log_history if "reward" in h]
 
 
+def write_prompts(p: Plan, out: Path) -> Path:
+    """The trainer's rows (prompt, answer, domain, choices, problem_id) in training order, written
+    a batch at a time to OUT/prompts.arrow (Arrow IPC stream, the format datasets memory-maps),
+    and their ids with pass rates to OUT/prompts.jsonl."""
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    prompt = pa.string() if p.rollout.prompt_format == "r1_zero" else pa.list_(message)
+    schema_ = pa.schema([("prompt", prompt), ("answer", pa.string()), ("domain", pa.string()),
+                         ("choices", pa.list_(pa.string())), ("problem_id", pa.string())])
+    path, buf = out / "prompts.arrow", []
+    with open(out / "prompts.jsonl", "w") as f, pa.ipc.new_stream(str(path), schema_) as w:
+        for i, r in enumerate(p.rows()):
+            f.write(json.dumps({"i": i, "problem_id": r["problem_id"], "pass_rate": r["pass_rate"]}) + "\n")
+            buf.append({"prompt": prompt_of(r["question"], p.rollout), "answer": r["answer"], "domain": r["domain"],
+                        "choices": r["choices"], "problem_id": r["problem_id"]})
+            if len(buf) >= 1024:
+                w.write_table(pa.Table.from_pylist(buf, schema=schema_))
+                buf = []
+        w.write_table(pa.Table.from_pylist(buf, schema=schema_))
+    return path
+
+
 def train(recipe: GRPORecipe, dry_run: bool = False, log: Callable[[str], None] = console.say) -> dict:
     """Train (or plan only) and write the reports; returns factory_train.json's content."""
     t0 = time.perf_counter()
-    p = plan(recipe, log)
-    if dry_run:
-        p.report["trl_args"] = {k: str(v) for k, v in p.args.to_dict().items()}
+    if dry_run:  # nothing lands in the output dir
+        import shutil
+        import tempfile
+
+        scratch = Path(tempfile.mkdtemp(prefix="grpo-plan-"))
+        try:
+            p = plan(recipe, log, spill=scratch / "problems.arrow")
+            p.report["trl_args"] = {k: str(v) for k, v in p.args.to_dict().items()}
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         return p.report
+    p = plan(recipe, log)
     import datasets
     from trl import GRPOTrainer
 
@@ -304,13 +390,7 @@ def train(recipe: GRPORecipe, dry_run: bool = False, log: Callable[[str], None] 
 
     out = Path(recipe.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = p.problems.to_pylist()
-    with open(out / "prompts.jsonl", "w") as f:
-        f.writelines(json.dumps({"i": i, "problem_id": r["problem_id"], "pass_rate": r["pass_rate"]}) + "\n"
-                     for i, r in enumerate(rows))
-    ds = datasets.Dataset.from_list([{"prompt": prompt_of(r["question"], p.rollout), "answer": r["answer"],
-                                      "domain": r["domain"], "choices": r["choices"], "problem_id": r["problem_id"]}
-                                     for r in rows])
+    ds = datasets.Dataset.from_file(str(write_prompts(p, out)))  # memory-mapped, as datasets keeps its own
     tokenizer = load_tokenizer(recipe.model)
     tokenizer.padding_side = "left"  # TRL generates from left-padded prompts
     with make_pool(recipe.grade) as pool:
