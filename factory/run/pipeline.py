@@ -266,7 +266,7 @@ class Runner:
                     from prm.scorer import PRMScorer
 
                     self.log(f"loading PRM {r.score.prm.model} ...")
-                    self._scorer = PRMScorer(r.score.prm)
+                    self._scorer = PRMScorer(r.score.prm, key="score.prm")
                 scored, stats = score_table(t, r.score, self._scorer)
                 return scored, empty, stats
             return fn
@@ -342,9 +342,10 @@ class Runner:
         return self.run_map("judge", upstream, self.recipe.judge, extra_fp=(self.recipe.judge.model or e.model, e.model))
 
     def run_score(self, upstream: store.StageDir) -> store.StageDir:
-        from prm.score import check
+        from prm.score import check, check_context
 
         check(self.recipe.score)
+        check_context(self.recipe.score)
         return self.run_map("score", upstream, self.recipe.score)
 
     def run_curate(self, upstream: store.StageDir) -> None:
@@ -502,7 +503,7 @@ def build_manifest(recipe: Recipe, stages: dict[str, store.StageDir], seconds: f
             gen = sum(s.get("generate_seconds", 0.0) for s in shards)
             if gen > 0:
                 entry["tokens_per_s"] = round(tokens / gen, 1)
-        for key in ("verdicts", "prm_status", "rewrites", "duplicates", "contaminated_by", "unlabeled", "judge"):  # stages' own counts
+        for key in ("verdicts", "prm_status", "prm_tokens", "rewrites", "duplicates", "contaminated_by", "unlabeled", "judge"):  # stages' own counts
             if any(key in s for s in shards):
                 total: dict[str, int] = {}
                 for s in shards:
