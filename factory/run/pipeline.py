@@ -527,6 +527,31 @@ def build_manifest(recipe: Recipe, stages: dict[str, store.StageDir], seconds: f
     }
 
 
+def dry_run(recipe: Recipe) -> dict:
+    """`factory run RECIPE --dry-run`: the checks a run makes before its stages, and the PRM's
+    context against score.prm.max_length (prm.context: from the model's files, or its published
+    figure where it is not on this machine, or reported unchecked), with no model loaded and
+    nothing written. Returns what was checked."""
+    from factory.stages.judge import check as check_judge
+    from factory.stages.rewrite import check_config as check_rewrite
+    from factory.stages.rollout import check_budget
+    from prm.score import check as check_score, check_context
+
+    r = recipe
+    optional = [n for n in ("rewrite", "dedup", "decontam") if getattr(r, n) is not None]
+    report: dict = {"stages": ["ingest", *optional, "rollout", "grade", *(["judge"] if r.judge else []),
+                               *(["score"] if r.score else []), "curate"]}
+    check_budget(r.rollout)
+    if r.rewrite is not None:
+        check_rewrite(r.rewrite)
+    if r.judge is not None:
+        check_judge(r.judge)
+    if r.score is not None:
+        check_score(r.score)
+        report["prm_context"] = check_context(r.score)
+    return report
+
+
 def run(recipe: Recipe, engine: Engine | None = None, log: Callable[[str], None] = console.say, scorer=None,
         rewriter: Engine | None = None, judge: Engine | None = None) -> dict:
     """Run `recipe`'s stages; pass `engine` (a PRM `scorer`, a `rewriter`, a `judge`) to reuse ones already loaded."""
