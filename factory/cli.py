@@ -1,6 +1,7 @@
 """The `factory` command.
 
     factory run RECIPE [section.key=value ...]   run a recipe's stages (resumes in run.output_dir)
+        [--dry-run]                                 check the recipe (stage configs, the PRM's context); no models
     factory status RUN_DIR                        a run's progress (RUN/progress.json), running or finished
     factory inspect RUN_DIR                       counts, verdicts and the difficulty histogram of a run
     factory publish RUN_DIR REPO_ID [--private]   upload the products and the dataset card to a hub dataset repo
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="run a recipe's stages", parents=[loud])
     p_run.add_argument("recipe")
     p_run.add_argument("overrides", nargs="*", help="section.key=value")
+    p_run.add_argument("--dry-run", action="store_true",
+                       help="check the stage configs and the PRM's context against score.prm.max_length; load no model")
     p_status = sub.add_parser("status", help="a run's progress: stage, shards, traces, tok/s, ETA")
     p_status.add_argument("run_dir", type=Path)
     p_publish = sub.add_parser("publish", help="upload a run's products and dataset card (RUN/README.md) to the hub")
@@ -75,9 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.cmd == "run":
-            from factory.run.pipeline import EXIT_FAILED_REQUESTS, load_recipe, run
+            from factory.run.pipeline import EXIT_FAILED_REQUESTS, dry_run, load_recipe, run
 
             recipe = load_recipe(args.recipe, args.overrides)
+            if args.dry_run:
+                report = dry_run(recipe)
+                print(json.dumps(report, indent=2))
+                prm = report.get("prm_context")
+                if prm is not None and not prm["checked"]:
+                    print(f"factory: score.prm.max_length not checked: {prm['source']}", file=sys.stderr)
+                return 0
             with console.quiet(Path(recipe.run.output_dir) / "logs", "run", args.verbose) as logs:
                 if logs:
                     console.say(f"library logs: {logs}")

@@ -9,7 +9,8 @@ Tables grow stage by stage; a stage adds columns and never rewrites or drops ups
     graded     (grade)    traces + extracted_answer, verdict, format_ok, grade_detail
     topped up  (topup)    graded + topup_wave, and the top-up's own graded traces
     judged     (judge)    graded + judge_verdict, judge_text, judge_model
-    scored     (score)    graded + prm_step_scores, prm_mean/min/prod/last, prm_status, prm_pass
+    scored     (score)    graded + prm_step_scores, prm_mean/min/prod/last, prm_status, prm_pass,
+                          prm_windows, prm_min_context_tokens, ...
     curriculum (curate)   SFT rows: prompt/completion messages + ids + difficulty
     pairs      (curate)   DPO rows: prompt/chosen/rejected messages + ids
     rejected   (any)      what a stage dropped, why, and the whole dropped record
@@ -105,9 +106,14 @@ SCORE_COLUMNS = [
     ("prm_min", pa.float64()),
     ("prm_prod", pa.float64()),
     ("prm_last", pa.float64()),
-    ("prm_status", pa.string()),  # ok | no_reasoning | too_many_steps | step_too_long | too_long | separator_mismatch
+    ("prm_status", pa.string()),  # ok | no_reasoning | step_exceeds_context | separator_mismatch
     ("prm_pass", pa.bool_()),  # false: curate drops the trace (under the threshold, or unscored)
     ("prm_model", pa.string()),
+    ("prm_num_unmerged_steps", pa.int32()),  # parts the split found, before split.merge_tokens joined them
+    ("prm_num_tokens", pa.int32()),  # the trace rendered once for the PRM (prompt included); null: not encoded
+    ("prm_windows", pa.int32()),  # PRM inputs it was read in (1: whole; more: longer than the PRM's context)
+    ("prm_min_context_tokens", pa.int32()),  # fewest preceding-step tokens a step was scored with; null: none cut
+    ("prm_tokens_read", pa.int32()),  # tokens the PRM read for it, all windows together
 ]
 
 # Per-problem statistics computed by curate and carried on its output rows.

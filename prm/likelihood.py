@@ -126,42 +126,65 @@ def token_surprise(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch
     return tok - lg.logsumexp(-1), tok - lg.max(-1).values
 
 
-def step_features(logp: list[float], margin: list[float], spans: list[tuple[int, int]]) -> torch.Tensor:
-    """[steps, 8] features of one trace from its per-token log-probabilities and margins (as
-    `token_surprise` gives them: index t-1 holds token t)."""
-    rows, prefix = [], None
+def own_features(logp: list[float], margin: list[float], spans: list[tuple[int, int]]) -> list[list[float]]:
+    """The four features of each step over its own tokens (index t-1 of logp / margin holds
+    token t, as `token_surprise` gives them)."""
+    rows = []
     for a, b in spans:
         lp, mg = logp[a - 1: b - 1], margin[a - 1: b - 1]
         low = min(mg)
-        own = [math.exp(min(lp)), sum(lp) / len(lp), low, float(low < 0)]
-        prefix = own if prefix is None else [min(prefix[0], own[0]), min(prefix[1], own[1]),
-                                             min(prefix[2], own[2]), max(prefix[3], own[3])]
-        rows.append(own + prefix)
-    return torch.tensor(rows, dtype=torch.float32).reshape(len(spans), len(FEATURES))
+        rows.append([math.exp(min(lp)), sum(lp) / len(lp), low, float(low < 0)])
+    return rows
+
+
+def with_prefix(own: list[list[float]]) -> torch.Tensor:
+    """[steps, 8]: each step's own four features and the same four over steps 1..i."""
+    rows, prefix = [], None
+    for f in own:
+        prefix = f if prefix is None else [min(prefix[0], f[0]), min(prefix[1], f[1]),
+                                           min(prefix[2], f[2]), max(prefix[3], f[3])]
+        rows.append(f + prefix)
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(own), len(FEATURES))
+
+
+def step_features(logp: list[float], margin: list[float], spans: list[tuple[int, int]]) -> torch.Tensor:
+    """[steps, 8] features of one trace read in one pass."""
+    return with_prefix(own_features(logp, margin, spans))
 
 
 @torch.no_grad()
-def trace_features(model, tokenizer, rendering: Rendering, items: list[tuple[str, list[str]]], batch_size: int,
-                   max_length: int, device: str) -> list[tuple[torch.Tensor | None, int]]:
-    """Per trace, its [steps, 8] features (None when it is longer than `max_length`) and its
-    token count. Sequences are batched by length and right-padded."""
-    encoded = encode_many(tokenizer, rendering, items)
-    feats: list[torch.Tensor | None] = [None] * len(items)
-    todo = sorted((i for i, (ids, _) in enumerate(encoded) if len(ids) <= max_length),
-                  key=lambda i: len(encoded[i][0]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+def surprise(model, sequences: list[list[int]], batch_size: int, pad: int, device: str) -> list[tuple[list[float], list[float]]]:
+    """`token_surprise` of each sequence (log-probabilities and margins as lists), batched by
+    length and right-padded; in the order given."""
+    out: list = [None] * len(sequences)
+    todo = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     for start in range(0, len(todo), batch_size):
         chunk = todo[start: start + batch_size]
-        width = max(len(encoded[i][0]) for i in chunk)
+        width = max(len(sequences[i]) for i in chunk)
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, i in enumerate(chunk):
-            n = len(encoded[i][0])
-            input_ids[row, :n], attention[row, :n] = torch.tensor(encoded[i][0]), 1
+            n = len(sequences[i])
+            input_ids[row, :n], attention[row, :n] = torch.tensor(sequences[i]), 1
         logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
         logp, margin = (t.cpu().tolist() for t in token_surprise(logits, input_ids))
         for row, i in enumerate(chunk):
-            feats[i] = step_features(logp[row], margin[row], encoded[i][1])
+            out[i] = (logp[row], margin[row])
+    return out
+
+
+def trace_features(model, tokenizer, rendering: Rendering, items: list[tuple[str, list[str]]], batch_size: int,
+                   max_length: int, device: str) -> list[tuple[torch.Tensor | None, int]]:
+    """Per trace read whole, its [steps, 8] features (None when it is longer than `max_length`:
+    training measures features on whole traces) and its token count. The scorer reads longer
+    traces in windows (PRMScorer)."""
+    encoded = encode_many(tokenizer, rendering, items)
+    todo = [i for i, (ids, _) in enumerate(encoded) if len(ids) <= max_length]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    read = surprise(model, [encoded[i][0] for i in todo], batch_size, pad, device)
+    feats: list[torch.Tensor | None] = [None] * len(items)
+    for i, (logp, margin) in zip(todo, read):
+        feats[i] = step_features(logp, margin, encoded[i][1])
     return [(f, len(ids)) for f, (ids, _) in zip(feats, encoded)]
 
 

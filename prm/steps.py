@@ -1,21 +1,28 @@
 """Splitting a trace's reasoning into the steps a PRM scores.
 
 In:  the `reasoning` of a trace (inside <think>...</think>).
-Out: a list of step strings, or a status saying why the trace can't be split within limits.
+Out: a list of step strings and a status (ok, or no_reasoning).
 
 The default is blank-line separated steps: that is how PRM training data (PRM800K, Math-Shepherd,
-ProcessBench) and R1 traces delimit steps. Limits on the number and length of steps are never
-applied silently: a trace over a limit gets a status (too_many_steps, step_too_long) and is
-not scored, rather than scored on a cut-down version of itself.
+ProcessBench) and R1 traces delimit steps. R1 writes many one-line paragraphs ("Wait.", "Let me
+check."); `merge_tokens` joins consecutive ones into steps of up to that many PRM tokens, so a
+step is a unit of reasoning rather than a line. There is no ceiling on the number of steps or
+their length here: the scorer reads a trace longer than its context in windows (prm.windows),
+and the only trace it cannot score is one with a single step that does not fit beside the
+question, which it says (status step_exceeds_context).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 MODES = ("blank_line", "step_markers", "newline", "regex")
-OK, NO_REASONING, TOO_MANY_STEPS, STEP_TOO_LONG = "ok", "no_reasoning", "too_many_steps", "step_too_long"
+OK, NO_REASONING = "ok", "no_reasoning"
+
+CountTokens = Callable[[list[str]], list[int]]
+"""Token counts of many texts (the PRM's tokenizer, batched)."""
 
 
 @dataclass
@@ -23,41 +30,78 @@ class SplitConfig:
     mode: str = "blank_line"
     """blank_line (paragraphs) | step_markers ("Step 1:", "Step 2:" ...) | newline | regex."""
     pattern: str | None = None
-    """mode=regex: the separator regex (re.split)."""
-    max_steps: int = 64
-    """Traces with more steps are not scored (status too_many_steps)."""
-    max_step_chars: int = 4000
-    """Traces with a longer step are not scored (status step_too_long)."""
+    """mode=regex: the separator regex."""
+    merge_tokens: int | None = None
+    """Join consecutive steps into one while it stays within this many tokens of the PRM's
+    tokenizer (a step longer than that stays alone); the original text between them is kept.
+    None: every part the split finds is a step."""
 
 
 STEP_MARKER = re.compile(r"(?im)^\s*(?:#+\s*)?step\s*\d+\s*[:.)]")
 
 
-def split_steps(reasoning: str | None, cfg: SplitConfig) -> tuple[list[str], str]:
-    """(steps, status); status is "ok" or why the trace can't be scored within limits."""
-    if reasoning is None or not reasoning.strip():
-        return [], NO_REASONING
-    text = reasoning.strip()
-    if cfg.mode == "blank_line":
-        parts = re.split(r"\n\s*\n", text)
-    elif cfg.mode == "newline":
-        parts = text.split("\n")
-    elif cfg.mode == "step_markers":
+def _spans(text: str, cfg: SplitConfig) -> list[tuple[int, int]]:
+    """[start, end) of each part of `text`, separators left out."""
+    if cfg.mode == "step_markers":
         starts = [m.start() for m in STEP_MARKER.finditer(text)]
         if not starts or starts[0] != 0:
             starts = [0] + starts  # text before the first marker is a step of its own
-        parts = [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
-    elif cfg.mode == "regex":
-        if not cfg.pattern:
-            raise ValueError("split.mode=regex needs split.pattern")
-        parts = re.split(cfg.pattern, text)
-    else:
+        return list(zip(starts, starts[1:] + [len(text)]))
+    if cfg.mode == "regex" and not cfg.pattern:
+        raise ValueError("split.mode=regex needs split.pattern")
+    separator = {"blank_line": r"\n\s*\n", "newline": r"\n", "regex": cfg.pattern}.get(cfg.mode)
+    if separator is None:
         raise ValueError(f"split.mode={cfg.mode!r}; use one of {', '.join(MODES)}")
-    steps = [p.strip() for p in parts if p and p.strip()]
-    if not steps:
-        return [], NO_REASONING
-    if len(steps) > cfg.max_steps:
-        return steps, TOO_MANY_STEPS
-    if max(len(s) for s in steps) > cfg.max_step_chars:
-        return steps, STEP_TOO_LONG
-    return steps, OK
+    cuts = [(m.start(), m.end()) for m in re.finditer(separator, text)]
+    ends = [a for a, _ in cuts] + [len(text)]
+    starts = [0] + [b for _, b in cuts]
+    return list(zip(starts, ends))
+
+
+def split_parts(reasoning: str | None, cfg: SplitConfig) -> tuple[str, list[tuple[int, int]]]:
+    """The stripped reasoning and the [start, end) spans of its non-empty parts, unmerged."""
+    text = (reasoning or "").strip()
+    if not text:
+        return text, []
+    spans = []
+    for a, b in _spans(text, cfg):
+        piece = text[a:b]
+        if piece.strip():  # trim the span to the part's own text
+            a += len(piece) - len(piece.lstrip())
+            b -= len(piece) - len(piece.rstrip())
+            spans.append((a, b))
+    return text, spans
+
+
+def merge_spans(text: str, spans: list[tuple[int, int]], max_tokens: int, count: CountTokens) -> list[tuple[int, int]]:
+    """Consecutive spans joined while their tokens (counted part by part) stay within max_tokens."""
+    sizes = count([text[a:b] for a, b in spans])
+    out: list[tuple[int, int]] = []
+    size = 0
+    for (a, b), n in zip(spans, sizes):
+        if out and size + n <= max_tokens:
+            out[-1] = (out[-1][0], b)
+            size += n
+        else:
+            out.append((a, b))
+            size = n
+    return out
+
+
+def split_steps(reasoning: str | None, cfg: SplitConfig, count: CountTokens | None = None) -> tuple[list[str], str]:
+    """(steps, status); status is "ok" or "no_reasoning". `count` is needed with merge_tokens."""
+    steps, _, status = split_and_merge(reasoning, cfg, count)
+    return steps, status
+
+
+def split_and_merge(reasoning: str | None, cfg: SplitConfig, count: CountTokens | None = None) -> tuple[list[str], int, str]:
+    """(steps, number of parts before merging, status)."""
+    text, spans = split_parts(reasoning, cfg)
+    if not spans:
+        return [], 0, NO_REASONING
+    parts = len(spans)
+    if cfg.merge_tokens is not None:
+        if count is None:
+            raise ValueError("split.merge_tokens counts tokens, and this caller has no tokenizer to count with")
+        spans = merge_spans(text, spans, cfg.merge_tokens, count)
+    return [text[a:b] for a, b in spans], parts, OK

@@ -72,3 +72,23 @@ def full_run(tmp_path_factory, engine, teacher_dir, problems_file):
     out = tmp_path_factory.mktemp("run") / "full"
     manifest = pipeline.run(load(toy_recipe(out, str(teacher_dir), problems_file)), engine=engine)
     return out, manifest
+
+
+STEP_COUNTS = (3, 5, 40, 80, 150, 220, 300)  # two that fit a 512-token PRM, five that do not
+
+
+def long_traces(counts=STEP_COUNTS, seed: int = 0) -> list[dict]:
+    """Demo-domain problems (short questions, levels 1-6) with R1-length reasoning of `counts`
+    blank-line paragraphs each (arith.long_reasoning: the chain, then checked again and again):
+    the 300-step one is ~10k tokens for the tiny tokenizers, 19x a 512-token PRM."""
+    import random
+
+    from factory.demo import arith
+
+    rng = random.Random(seed)
+    out = []
+    for k, n in enumerate(counts):
+        p = arith.make_problem(rng, 1 + k % 6)
+        ops = [tuple(o) for o in p["chain"]["ops"]]
+        out.append({**p, "reasoning": arith.long_reasoning(p["chain"]["start"], ops, n, rng)})
+    return out

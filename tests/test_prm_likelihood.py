@@ -8,7 +8,7 @@ import torch
 
 from prm import likelihood, tiny
 from prm.likelihood import FEATURES, Head, Rendering, encode, fit_head, trace_features
-from prm.scorer import OK, TOO_LONG, PRMConfig, PRMScorer
+from prm.scorer import OK, STEP_EXCEEDS_CONTEXT, PRMConfig, PRMScorer
 
 ITEMS = [
     ("What is 3 + 4?", ["3 + 4 = 7.", "So the answer is 7."]),
@@ -101,8 +101,12 @@ def test_scorer_reads_a_saved_likelihood_prm(lm, tmp_path):
     for f, res in zip(feats, results):
         assert res.status == OK
         assert res.scores == pytest.approx(head.probabilities(f).tolist(), abs=1e-5)
-    short = PRMScorer(PRMConfig(model=str(tmp_path), family="likelihood", max_length=30)).score(ITEMS)
-    assert [r.status for r in short].count(TOO_LONG) >= 1 and all(r.scores is None for r in short if r.status == TOO_LONG)
+    # a context too short for the prompt and one step: that trace says so; the others are windowed
+    prompt = len(likelihood.encode(tok, RENDER, ITEMS[0][0], [])[0])
+    n = len(likelihood.encode(tok, RENDER, *ITEMS[1])[0])
+    short = PRMScorer(PRMConfig(model=str(tmp_path), family="likelihood", max_length=prompt + 12)).score(ITEMS)
+    assert any(r.status == STEP_EXCEEDS_CONTEXT and r.scores is None for r in short)
+    assert any(r.status == OK and r.windows > 1 for r in short) and n > prompt + 12
     with pytest.raises(ValueError, match="backend=vllm"):
         PRMScorer(PRMConfig(model=str(tmp_path), family="likelihood", backend="vllm"))
     assert likelihood.HEAD_FILE in {p.name for p in tmp_path.iterdir()}

@@ -1,4 +1,5 @@
-"""PRM scorers of both families on tiny stand-ins: where scores are read, batching, counts, limits."""
+"""PRM scorers of every family on tiny stand-ins: where scores are read, batching, counts, the
+PRM's context, traces read in windows, and both public layouts through both backends."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import pytest
 import torch
 
 from prm import tiny
-from prm.scorer import OK, SEPARATOR_MISMATCH, TOO_LONG, PRMConfig, PRMScorer, aggregates
-from prm.steps import NO_REASONING, STEP_TOO_LONG, TOO_MANY_STEPS, SplitConfig, split_steps
+from prm.scorer import OK, SEPARATOR_MISMATCH, STEP_EXCEEDS_CONTEXT, PRMConfig, PRMScorer, aggregates
+from prm.steps import NO_REASONING, SplitConfig, split_and_merge, split_steps
+
+from conftest import long_traces
 
 ITEMS = [
     ("What is 3 + 4?", ["3 + 4 = 7.", "So the answer is 7."]),
@@ -88,10 +91,19 @@ def test_traces_that_cannot_be_scored_say_why(real_scorer):
     items = [(f"A question that contains {tag} itself", ["one step"]), ITEMS[0]]
     mismatch, fine = real_scorer.score(items)
     assert mismatch.status == SEPARATOR_MISMATCH and mismatch.scores is None and fine.status == OK
-    short = PRMScorer(PRMConfig(model=real_scorer.cfg.model, family=real_scorer.cfg.family, max_length=20))
-    results = short.score(ITEMS)
-    assert [r.status for r in results] == [TOO_LONG if r.num_tokens > 20 else OK for r in results]
-    assert any(r.status == TOO_LONG for r in results) and all(r.scores is None for r in results if r.status != OK)
+    # a step that cannot fit beside the question is the one thing too long to score
+    cfg = PRMConfig(model=real_scorer.cfg.model, family=real_scorer.cfg.family, max_length=120)
+    too_long, ok = PRMScorer(cfg).score([("Q?", ["x " * 200]), ("Q?", ["x " * 20] * 12)])
+    assert too_long.status == STEP_EXCEEDS_CONTEXT and too_long.scores is None and too_long.num_tokens > 120
+    assert ok.status == OK and len(ok.scores) == 12 and ok.windows > 1
+
+
+def test_max_length_over_the_prms_context_is_an_error(real_scorer):
+    cfg = PRMConfig(model=real_scorer.cfg.model, family=real_scorer.cfg.family, max_length=2048)
+    with pytest.raises(ValueError, match=r"score\.prm\.max_length=2048, but .* reads at most 512 tokens "
+                                         r"\(max_position_embeddings 512"):
+        PRMScorer(cfg, key="score.prm")
+    assert real_scorer.max_length == 512  # unset: the model's own
 
 
 def test_tags_must_be_single_tokens(tmp_path):
@@ -112,8 +124,7 @@ def test_aggregates():
     ("Intro.\nStep 1: x.\nmore\nStep 2: y.", SplitConfig(mode="step_markers"),
      ["Intro.", "Step 1: x.\nmore", "Step 2: y."], "ok"),
     ("a; b; c", SplitConfig(mode="regex", pattern=r";\s*"), ["a", "b", "c"], "ok"),
-    ("a\n\nb\n\nc", SplitConfig(max_steps=2), ["a", "b", "c"], TOO_MANY_STEPS),
-    ("a\n\n" + "x" * 50, SplitConfig(max_step_chars=10), ["a", "x" * 50], STEP_TOO_LONG),
+    ("\n\n".join("abcdefghij" * 30), SplitConfig(), list("abcdefghij" * 30), "ok"),  # no ceiling on steps
     ("  \n ", SplitConfig(), [], NO_REASONING),
     (None, SplitConfig(), [], NO_REASONING),
 ])
@@ -121,16 +132,113 @@ def test_split_steps(text, cfg, steps, status):
     assert split_steps(text, cfg) == (steps, status)
 
 
-def test_vllm_pooling_backend_agrees_with_transformers(tmp_path):
-    """vLLM's token_classify runner on the Qwen2.5-Math-PRM-style stand-in (bf16 on CPU)."""
-    out = tmp_path / "cls"
-    tiny.classification_prm(out)
-    ref = PRMScorer(PRMConfig(model=str(out))).score(ITEMS)
-    scorer = PRMScorer(PRMConfig(model=str(out), backend="vllm", max_length=256))
+def test_merging_joins_short_steps_up_to_a_token_size():
+    words = lambda texts: [len(t.split()) for t in texts]  # noqa: E731  (a "token" per word)
+    text = "Wait.\n\nHmm.\n\nSo 2 + 2 = 4, and then 4 + 4 = 8 here.\n\nOk.\n\n\nThen 8.\n\nOne two three four five six seven eight nine ten eleven."
+    steps, parts, status = split_and_merge(text, SplitConfig(merge_tokens=3), words)
+    assert status == OK and parts == 6
+    assert steps == ["Wait.\n\nHmm.", "So 2 + 2 = 4, and then 4 + 4 = 8 here.", "Ok.\n\n\nThen 8.",
+                     "One two three four five six seven eight nine ten eleven."]  # the text between is kept
+    assert split_and_merge(text, SplitConfig(merge_tokens=100), words)[0] == [text]
+    assert split_and_merge(text, SplitConfig(), None)[0] == split_steps(text, SplitConfig())[0]
+    with pytest.raises(ValueError, match="merge_tokens counts tokens"):
+        split_steps(text, SplitConfig(merge_tokens=3))
+
+
+# -- long traces, read in windows ----------------------------------------------------------
+
+LAYOUTS = ["token_classification", "qwen_hub", "lm", "likelihood"]
+
+
+def build_layout(layout: str, out) -> PRMConfig:
+    """A random-weight PRM of `layout` in `out` (512 positions), float32."""
+    if layout == "token_classification":
+        tiny.classification_prm(out)
+        return PRMConfig(model=str(out))
+    if layout == "qwen_hub":
+        tiny.qwen_prm(out)
+        return PRMConfig(model=str(out), trust_remote_code=True)
+    if layout == "lm":
+        tiny.lm_prm(out)
+        return PRMConfig(model=str(out), family="lm")
+    from prm.likelihood import Head, Rendering, FEATURES
+
+    model, tok = tiny.lm_prm(seed=3)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    n = len(FEATURES)
+    Head(Rendering(), [0.0] * n, [1.0] * n, [0.5, 0.1, 0.3, -1.0, 0.2, 0.1, 0.2, -0.5], 0.1).save(out)
+    return PRMConfig(model=str(out), family="likelihood")
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def layout(request, tmp_path_factory):
+    return request.param, build_layout(request.param, tmp_path_factory.mktemp("prm") / request.param)
+
+
+def whole(scorer: PRMScorer, question: str, steps: list[str]) -> list[float]:
+    """The scores of a PRM reading the whole trace at once, past its context: what a PRM with
+    a longer context would say (RoPE has no position table, so the tiny models can)."""
+    from prm import likelihood
+
+    ids, spans = scorer._encode_many([(question, steps)])[0]
+    if scorer.cfg.family == "likelihood":
+        logp, margin = likelihood.surprise(scorer.model, [ids], 1, scorer.pad_id, "cpu")[0]
+        return scorer.head.probabilities(likelihood.step_features(logp, margin, spans)).tolist()
+    return scorer.step_probabilities([ids])[0, [b - 1 for _, b in spans]].tolist()
+
+
+def test_every_step_of_a_long_trace_is_scored(layout):
+    name, cfg = layout
+    scorer = PRMScorer(cfg)
+    rows = long_traces((3, 5, 40, 150, 300))
+    items = [(r["question"], split_steps(r["reasoning"], SplitConfig())[0]) for r in rows]
+    results = scorer.score(items)
+    assert max(r.num_tokens for r in results) >= 8 * scorer.max_length  # the context is >= 8x shorter
+    for (question, steps), res in zip(items, results):
+        assert res.status == OK and len(res.scores) == len(steps) and all(0 < s < 1 for s in res.scores)
+        assert res.tokens_read <= 1.5 * res.num_tokens + 2 * res.windows  # a token or two per window off the plan
+        if res.num_tokens <= scorer.max_length:
+            assert res.windows == 1 and res.min_context is None and res.tokens_read == res.num_tokens
+            # read with the long ones, a trace that fits scores as it does alone
+            assert res.scores == pytest.approx(scorer.score([(question, steps)])[0].scores, abs=1e-4)
+            assert res.scores == pytest.approx(whole(scorer, question, steps), abs=1e-4)
+            continue
+        assert res.windows > 1 and res.min_context > 0
+        if res.num_tokens < 2000:  # (reading the 6k-token ones whole is slow on a CPU)
+            # the first window reads the trace's own beginning: its steps score as in the whole trace
+            first = res.plan[0].end
+            assert res.scores[:first] == pytest.approx(whole(scorer, question, steps)[:first], abs=1e-4)
+
+
+def test_batched_windows_equal_one_trace_at_a_time(layout):
+    name, cfg = layout
+    scorer = PRMScorer(PRMConfig(**{**cfg.__dict__, "batch_size": 3}))
+    rows = long_traces((4, 30, 60))
+    items = [(r["question"], split_steps(r["reasoning"], SplitConfig())[0]) for r in rows]
+    together = scorer.score(items)
+    for item, t in zip(items, together):
+        (alone,) = scorer.score([item])
+        assert t.plan == alone.plan and t.scores == pytest.approx(alone.scores, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["token_classification", "qwen_hub", "lm"])
+def test_vllm_pooling_backend_reads_long_traces_as_transformers_does(name, tmp_path):
+    """vLLM's token_classify runner, float32, on traces up to 12x its 512-token context: the
+    Qwen2ForTokenClassification PRM `prm train` writes, the Qwen2.5-Math-PRM hub layout (vLLM's
+    own Qwen2ForProcessRewardModel, the config read through the directory's code) and the
+    Math-Shepherd layout (a causal LM, read through a head of its `+` / `-` LM-head rows)."""
+    cfg = build_layout(name, tmp_path / name)
+    rows = long_traces((3, 40, 300))
+    items = [(r["question"], split_steps(r["reasoning"], SplitConfig())[0]) for r in rows]
+    ref = PRMScorer(cfg).score(items)
+    scorer = PRMScorer(PRMConfig(**{**cfg.__dict__, "backend": "vllm"}))
     try:
-        got = scorer.score(ITEMS)
+        got = scorer.score(items)
     finally:
         scorer.model.close()
-    for r, g in zip(ref, got):
-        assert g.status == r.status == "ok" and len(g.scores) == len(r.scores)
-        assert g.scores == pytest.approx(r.scores, abs=2e-2)
+    assert scorer.model.max_model_len == scorer.max_length == 512
+    assert max(r.num_tokens for r in got) >= 8 * 512
+    for (_, steps), r, g in zip(items, ref, got):
+        assert g.status == r.status == OK and len(g.scores) == len(steps) and g.plan == r.plan
+        assert g.scores == pytest.approx(r.scores, abs=1e-3)

@@ -86,3 +86,41 @@ def test_exponent_floats_without_a_dot():
     assert train.load_recipe("sft", None, ["train.learning_rate=2e-5"]).train.learning_rate == 2e-5
     with pytest.raises(ConfigError, match="train.learning_rate: expected float"):
         train.load_recipe("sft", None, ["train.learning_rate=fast"])
+
+
+def test_r1_distill_dry_run_checks_the_prms_context(tmp_path, capsys):
+    """Qwen2.5-Math-PRM-7B is not on this machine: the dry run checks score.prm.max_length
+    against its published context (4096) and says where the figure came from."""
+    from factory import cli
+    from factory.run.pipeline import dry_run
+
+    path = RECIPES[[p.name for p in RECIPES].index("r1_distill.yaml")]
+    report = dry_run(load_recipe(path))
+    prm = report["prm_context"]
+    assert report["stages"] == ["ingest", "rollout", "grade", "score", "curate"]
+    assert prm["checked"] and prm["context"] == 4096 and prm["max_length"] <= 4096
+    assert cli.main(["run", str(path), "--dry-run"]) == 0
+    with pytest.raises(ValueError, match=r"score\.prm\.max_length=32768, but Qwen/Qwen2\.5-Math-PRM-7B reads at most "
+                                         r"4096 tokens"):
+        dry_run(load_recipe(path, ["score.prm.max_length=32768"]))
+    assert cli.main(["run", str(path), "score.prm.max_length=32768", "--dry-run"]) == 2
+    assert "score.prm.max_length=32768" in capsys.readouterr().err
+
+
+def test_dry_run_reads_a_local_prms_context_and_says_when_it_cannot(tmp_path, capsys):
+    from factory import cli
+    from factory.run.pipeline import dry_run
+    from prm import tiny
+
+    tiny.qwen_prm(tmp_path / "prm", max_positions=1024)
+    recipe = load_recipe(PIPELINE, [f"score.prm.model={tmp_path / 'prm'}", "score.prm.trust_remote_code=true"])
+    prm = dry_run(recipe)["prm_context"]
+    assert prm["checked"] and prm["context"] == 1024 and str(tmp_path / "prm") in prm["source"]
+    with pytest.raises(ValueError, match=r"score\.prm\.max_length=2048, but .* reads at most 1024 tokens"):
+        dry_run(load_recipe(PIPELINE, [f"score.prm.model={tmp_path / 'prm'}", "score.prm.max_length=2048"]))
+    # a model that is nowhere here and not on record: reported unchecked, not passed
+    unknown = load_recipe(PIPELINE, ["score.prm.model=someone/some-prm", "score.prm.max_length=999999"])
+    prm = dry_run(unknown)["prm_context"]
+    assert not prm["checked"] and "not on this machine" in prm["source"]
+    assert cli.main(["run", str(PIPELINE), "score.prm.model=someone/some-prm", "--dry-run"]) == 0
+    assert "not checked" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -14,7 +15,9 @@ from prm.score import ScoreConfig, score_table
 from prm.scorer import PRMConfig, PRMScorer
 from prm.steps import SplitConfig
 
-from conftest import load, toy_recipe
+from conftest import load, long_traces, toy_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,8 @@ def graded_rows() -> list[dict]:
         {**base, "trace_id": "a", "reasoning": "2 + 2 = 4.\n\nSo 4."},
         {**base, "trace_id": "b", "reasoning": "2 + 2 = 5.", "verdict": "wrong"},
         {**base, "trace_id": "c", "reasoning": None},
-        {**base, "trace_id": "d", "reasoning": "x\n\n" * 5},
+        {**base, "trace_id": "d", "reasoning": "x\n\n" * 300},  # many steps: scored, in windows
+        {**base, "trace_id": "e", "reasoning": "ok\n\n" + "x " * 600},  # a step longer than the PRM's context
     ]
 
 
@@ -40,26 +44,63 @@ def test_score_table_marks_and_never_drops(prm_dir):
 
     graded = pa.Table.from_pylist(graded_rows())
     scorer = PRMScorer(PRMConfig(model=str(prm_dir)))
-    cfg = ScoreConfig(prm=PRMConfig(model=str(prm_dir)), split=SplitConfig(max_steps=3))
+    cfg = ScoreConfig(prm=PRMConfig(model=str(prm_dir)))
     out, stats = score_table(graded, cfg, scorer)
     rows = out.to_pylist()
-    assert [r["trace_id"] for r in rows] == ["a", "b", "c", "d"] and out.column_names[:len(graded.column_names)] == graded.column_names
-    a, b, c, d = rows
+    assert [r["trace_id"] for r in rows] == ["a", "b", "c", "d", "e"] and out.column_names[:len(graded.column_names)] == graded.column_names
+    a, b, c, d, e = rows
     assert a["prm_status"] == "ok" and a["prm_num_steps"] == 2 and len(a["prm_step_scores"]) == 2
     assert a["prm_mean"] == pytest.approx(sum(a["prm_step_scores"]) / 2)
     assert a["prm_min"] == min(a["prm_step_scores"]) and a["prm_last"] == a["prm_step_scores"][-1]
+    assert a["prm_windows"] == 1 and a["prm_min_context_tokens"] is None and a["prm_tokens_read"] == a["prm_num_tokens"]
     assert b["prm_status"] == "ok" and b["prm_num_steps"] == 1  # wrong traces are scored too
-    assert c["prm_status"] == "no_reasoning" and c["prm_mean"] is None
-    assert d["prm_status"] == "too_many_steps" and d["prm_num_steps"] == 5 and d["prm_step_scores"] is None
+    assert c["prm_status"] == "no_reasoning" and c["prm_mean"] is None and c["prm_num_tokens"] is None
+    assert d["prm_status"] == "ok" and d["prm_num_steps"] == d["prm_num_unmerged_steps"] == 300
+    assert len(d["prm_step_scores"]) == 300 and d["prm_windows"] > 1 and d["prm_min_context_tokens"] > 0
+    assert d["prm_num_tokens"] > 512 and d["prm_tokens_read"] <= 1.5 * d["prm_num_tokens"] + 2 * d["prm_windows"]
+    assert e["prm_status"] == "step_exceeds_context" and e["prm_step_scores"] is None and e["prm_num_tokens"] > 512
     assert all(r["prm_pass"] for r in rows)  # no threshold: nothing fails
-    assert stats["prm_status"] == {"ok": 2, "no_reasoning": 1, "too_many_steps": 1}
+    assert stats["prm_status"] == {"ok": 3, "no_reasoning": 1, "step_exceeds_context": 1}
+    assert stats["prm_tokens"] == {"traces": sum(r["prm_num_tokens"] for r in (a, b, d)),
+                                   "read": sum(r["prm_tokens_read"] for r in (a, b, d)), "windowed": 1}
     # with a threshold between a's and b's means, and unscored traces not kept
     th = (a["prm_mean"] + b["prm_mean"]) / 2
     out2, stats2 = score_table(graded, ScoreConfig(prm=cfg.prm, split=cfg.split, threshold=th), scorer)
     passed = {r["trace_id"]: r["prm_pass"] for r in out2.to_pylist()}
     assert passed["a"] == (a["prm_mean"] >= th) and passed["b"] == (b["prm_mean"] >= th) and passed["a"] != passed["b"]
-    assert passed["c"] is False and passed["d"] is False and stats2["prm_fail"] == 3
+    assert passed["c"] is False and passed["e"] is False
+    assert stats2["prm_fail"] == 3 + (d["prm_mean"] < th)
     assert out2.schema.field("prm_step_scores").type == schema.SCORE_COLUMNS[0][1]
+
+
+def test_long_demo_traces_get_a_score_for_every_step():
+    """Acceptance (issue 26): the demo's likelihood PRM (512 positions) on demo-domain problems
+    with 3-300 step reasoning, the longest ~19x its context: every trace with reasoning is
+    scored, every step; the ones that fit score exactly as when they are read alone."""
+    import pyarrow as pa
+
+    prm = PRMConfig(model=str(ROOT / "data" / "demo" / "prm"), family="likelihood", batch_size=16)
+    scorer = PRMScorer(prm)
+    rows = [{**{k: v for k, v in r.items() if k != "chain"}, "trace_id": f"t{i}", "verdict": "correct"}
+            for i, r in enumerate(long_traces())]
+    out, stats = score_table(pa.Table.from_pylist(rows), ScoreConfig(prm=prm), scorer)
+    got = out.to_pylist()
+    assert stats["prm_status"] == {"ok": len(rows)}
+    assert max(r["prm_num_tokens"] for r in got) >= 8 * scorer.max_length == 8 * 512
+    for r in got:
+        assert len(r["prm_step_scores"]) == r["prm_num_steps"] == r["reasoning"].count("\n\n") + 1
+    fits = [r for r in got if r["prm_windows"] == 1]
+    assert fits and len(fits) < len(got)
+    alone, _ = score_table(pa.Table.from_pylist([r for r in rows if r["trace_id"] in {f["trace_id"] for f in fits}]),
+                           ScoreConfig(prm=prm), scorer)
+    for f, a in zip(fits, alone.to_pylist()):
+        assert f["prm_step_scores"] == pytest.approx(a["prm_step_scores"], abs=1e-4)
+    # merging one-line paragraphs: fewer, longer steps, each scored; the count before merging kept
+    merged, _ = score_table(pa.Table.from_pylist(rows), ScoreConfig(prm=prm, split=SplitConfig(merge_tokens=64)), scorer)
+    for m, r in zip(merged.to_pylist(), got):
+        assert m["prm_status"] == "ok" and m["prm_num_unmerged_steps"] == r["prm_num_steps"] >= m["prm_num_steps"]
+        assert len(m["prm_step_scores"]) == m["prm_num_steps"]
+    assert sum(m["prm_num_steps"] for m in merged.to_pylist()) < sum(r["prm_num_steps"] for r in got)
 
 
 def test_pipeline_with_a_score_stage(tmp_path, full_run, prm_dir, teacher_dir, problems_file):

@@ -84,6 +84,26 @@ def gold_trace(start: int, ops: list[tuple[str, int]]) -> str:
     return "<think>\n" + "\n\n".join(steps) + "\n</think>\n\\boxed{" + str(v) + "}"
 
 
+ASIDES = ["Wait, let me check that again.", "Hmm, that looks right, but I want to be sure.",
+          "Let me verify each step from the start.", "Okay.", "So far so good."]
+
+
+def long_reasoning(start: int, ops: list[tuple[str, int]], num_steps: int, rng: random.Random) -> str:
+    """An R1-length reasoning for a chain (no think tags): the chain worked once, then checked
+    again and again from the start ("Checking: 7 + 3 = 10, which matches."), with one-line
+    asides between passes, until it has `num_steps` blank-line separated paragraphs. Every step
+    is right: these are for reading long traces (PRM windows), not for labels."""
+    values, steps = run_chain(start, ops), []
+    while len(steps) < num_steps:
+        v = start
+        for i, ((op, n), new) in enumerate(zip(ops, values)):
+            steps.append(f"{v} {op} {n} = {new}" if not steps or len(steps) < len(ops) else
+                         f"Checking step {i + 1}: {v} {op} {n} = {new}, which matches.")
+            v = new
+        steps.append(rng.choice(ASIDES))
+    return "\n\n".join(steps[:num_steps])
+
+
 def phrasing(source: str) -> str:
     """The phrasing (style) of a problem from its `source` ("arith/<style>")."""
     return source.split("/", 1)[-1]

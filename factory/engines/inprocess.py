@@ -253,29 +253,44 @@ class VLLMEngine:
 
 
 class VLLMTokenClassifier:
-    """vLLM's pooling runner for token-classification models (Qwen2.5-Math-PRM style PRMs):
-    per-token class probabilities (`token_classify` applies the softmax). The PRM scorer's
-    `backend: vllm` uses it; vLLM runs float32 checkpoints in bfloat16 on CPU, so its scores
-    agree with transformers' float32 ones to about 1e-2."""
+    """vLLM's pooling runner for PRMs read at step tags: the class probabilities at every
+    token holding `step_tag_id` (`token_classify` with STEP pooling; it applies the softmax).
+    The PRM scorer's `backend: vllm` uses it for token-classification heads
+    (Qwen2ForTokenClassification, and Qwen2ForProcessRewardModel, which vLLM implements itself)
+    and, with `classifier_from_tokens`, for a causal LM read at two of its tokens
+    (Math-Shepherd's `+` / `-`): vLLM turns the LM into a classifier whose head is those rows
+    of the LM head, so label 0 is the first token's softmax share. The tag is named explicitly:
+    for Qwen2ForProcessRewardModel vLLM otherwise assumes the real Qwen vocabulary's
+    `<extra_0>` (id 151651) and returns nothing for any other tokenizer."""
 
-    def __init__(self, model: str, max_model_len: int | None = None, cpu_kv_cache_space_gb: int | None = 1,
-                 gpu_memory_utilization: float = 0.3, extra: dict | None = None, engine_process: bool | None = None):
+    def __init__(self, model: str, step_tag_id: int, max_model_len: int | None = None,
+                 cpu_kv_cache_space_gb: int | None = 1, gpu_memory_utilization: float = 0.3, extra: dict | None = None,
+                 engine_process: bool | None = None, dtype: str = "auto", trust_remote_code: bool = False,
+                 classifier_from_tokens: list[str] | None = None):
         import torch
 
         if cpu_kv_cache_space_gb is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kv_cache_space_gb)
         from vllm import LLM
+        from vllm.config import PoolerConfig
 
         extra = dict(extra or {})
         if not torch.cuda.is_available():
             extra.setdefault("enable_chunked_prefill", False)
+        if classifier_from_tokens:
+            extra.setdefault("convert", "classify")
+            extra.setdefault("hf_overrides", {"classifier_from_token": list(classifier_from_tokens),
+                                              "method": "no_post_processing"})
         with engine_start(engine_process, torch.cuda.is_available()) as self.engine_process:
-            self.llm = LLM(model=model, runner="pooling", max_model_len=max_model_len,
-                           gpu_memory_utilization=gpu_memory_utilization, **extra)
+            self.llm = LLM(model=model, runner="pooling", max_model_len=max_model_len, dtype=dtype,
+                           trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization,
+                           pooler_config=PoolerConfig(task="token_classify", tok_pooling_type="STEP",
+                                                      step_tag_id=step_tag_id), **extra)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
-    def token_probs(self, token_ids: list[list[int]]):
-        """For each sequence, a [T, num_labels] float tensor of class probabilities."""
+    def step_probs(self, token_ids: list[list[int]]):
+        """For each sequence, a [tags, num_labels] float tensor: the class probabilities at
+        each of its step tags, in order."""
         outs = self.llm.encode([{"prompt_token_ids": ids} for ids in token_ids], pooling_task="token_classify",
                                use_tqdm=False)
         return [o.outputs.data.float().cpu() for o in outs]

@@ -335,7 +335,7 @@ class Runner:
                     from prm.scorer import PRMScorer
 
                     self.log(f"loading PRM {r.score.prm.model} ...")
-                    self._scorer = PRMScorer(r.score.prm)
+                    self._scorer = PRMScorer(r.score.prm, key="score.prm")
                 scored, stats = score_table(t, r.score, self._scorer)
                 return scored, empty, stats
             return fn
@@ -455,9 +455,10 @@ class Runner:
         return self.run_map("judge", upstream, self.recipe.judge, extra_fp=(self.recipe.judge.model or e.model, e.model))
 
     def run_score(self, upstream: store.StageDir) -> store.StageDir:
-        from prm.score import check
+        from prm.score import check, check_context
 
         check(self.recipe.score)
+        check_context(self.recipe.score)
         return self.run_map("score", upstream, self.recipe.score)
 
     def run_curate(self, upstream: store.StageDir) -> None:
@@ -655,8 +656,8 @@ def build_manifest(recipe: Recipe, stages: dict[str, store.StageDir], seconds: f
             gen = sum(s.get("generate_seconds", 0.0) for s in shards)
             if gen > 0:
                 entry["tokens_per_s"] = round(tokens / gen, 1)
-        for key in ("verdicts", "prm_status", "rewrites", "duplicates", "contaminated_by", "unlabeled", "judge",
-                    "topup", "retries", "failures"):  # stages' own counts
+        for key in ("verdicts", "prm_status", "prm_tokens", "rewrites", "duplicates", "contaminated_by", "unlabeled",
+                    "judge", "topup", "retries", "failures"):  # stages' own counts
             if any(key in s for s in shards):
                 total: dict[str, int] = {}
                 for s in shards:
@@ -679,6 +680,31 @@ def build_manifest(recipe: Recipe, stages: dict[str, store.StageDir], seconds: f
         "pairs": [f["file"] for f in stages["curate"].complete["pair_files"]],
         "seconds": round(seconds, 3),
     }
+
+
+def dry_run(recipe: Recipe) -> dict:
+    """`factory run RECIPE --dry-run`: the checks a run makes before its stages, and the PRM's
+    context against score.prm.max_length (prm.context: from the model's files, or its published
+    figure where it is not on this machine, or reported unchecked), with no model loaded and
+    nothing written. Returns what was checked."""
+    from factory.stages.judge import check as check_judge
+    from factory.stages.rewrite import check_config as check_rewrite
+    from factory.stages.rollout import check_budget
+    from prm.score import check as check_score, check_context
+
+    r = recipe
+    optional = [n for n in ("rewrite", "dedup", "decontam") if getattr(r, n) is not None]
+    report: dict = {"stages": ["ingest", *optional, "rollout", "grade", *(["judge"] if r.judge else []),
+                               *(["score"] if r.score else []), "curate"]}
+    check_budget(r.rollout)
+    if r.rewrite is not None:
+        check_rewrite(r.rewrite)
+    if r.judge is not None:
+        check_judge(r.judge)
+    if r.score is not None:
+        check_score(r.score)
+        report["prm_context"] = check_context(r.score)
+    return report
 
 
 def run(recipe: Recipe, engine: Engine | None = None, log: Callable[[str], None] = console.say, scorer=None,
