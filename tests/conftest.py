@@ -5,7 +5,13 @@ The engine takes 25-50 s to start on a CPU, so every test that generates shares 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -92,3 +98,25 @@ def long_traces(counts=STEP_COUNTS, seed: int = 0) -> list[dict]:
         ops = [tuple(o) for o in p["chain"]["ops"]]
         out.append({**p, "reasoning": arith.long_reasoning(p["chain"]["start"], ops, n, rng)})
     return out
+
+
+@contextlib.contextmanager
+def simulated_teacher(*args: str):
+    """factory.engines.simserver on a free loopback port with these command-line args; yields its URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "factory.engines.simserver", "--port", str(port), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(url + "/sim/stats")
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait()

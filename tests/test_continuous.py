@@ -27,7 +27,7 @@ from factory.run.continuous import PartialLog
 from factory.engines import Completion, EngineConfig, ServerConfig, make_engine
 from factory.stages.rollout import RolloutConfig, rollout_table
 
-from conftest import load
+from conftest import load, simulated_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "data" / "demo" / "teacher"  # shipped: renders the chat prompt, counts prompt tokens
@@ -36,22 +36,8 @@ TOKENIZER = ROOT / "data" / "demo" / "teacher"  # shipped: renders the chat prom
 @pytest.fixture(scope="module")
 def sim():
     """A 32-slot simulated teacher: traces of ~120 tokens (lognormal, sigma 0.8) at 200 tok/s per slot."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "factory.engines.simserver", "--port", str(port), "--slots", "32",
-                             "--rate", "200", "--median", "120", "--sigma", "0.8", "--max-model-len", "2048"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(url + "/sim/stats")
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield url
-    proc.terminate()
-    proc.wait()
+    with simulated_teacher("--slots", "32", "--rate", "200", "--median", "120", "--sigma", "0.8", "--max-model-len", "2048") as url:
+        yield url
 
 
 def recipe_data(out: Path, url: str, problems: Path, **over) -> dict:

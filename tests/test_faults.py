@@ -25,7 +25,7 @@ from factory.engines import EngineConfig, Request, Sampling, ServerConfig, make_
 from factory.engines.simserver import Faults
 from factory.run import pipeline
 
-from conftest import load
+from conftest import load, simulated_teacher
 from test_continuous import TOKENIZER, products, recipe_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,22 +35,8 @@ EVERY_FAULT = ["500", "429", "drop", "cut", "html", "empty", "notext", "nousage"
 @pytest.fixture(scope="module")
 def sim():
     """A simulated teacher whose faults each test sets (POST /sim/faults)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "factory.engines.simserver", "--port", str(port), "--slots", "64",
-                             "--rate", "400", "--median", "120", "--sigma", "0.8", "--max-model-len", "2048"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(url + "/sim/stats")
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield url
-    proc.terminate()
-    proc.wait()
+    with simulated_teacher("--slots", "64", "--rate", "400", "--median", "120", "--sigma", "0.8", "--max-model-len", "2048") as url:
+        yield url
 
 
 def set_faults(url: str, **faults) -> None:

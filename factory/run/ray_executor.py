@@ -149,4 +149,4 @@ def engine_fleet(recipe, engine_cfg, run_dir: str | Path, log: Callable[[str], N
                             sim=dataclasses.replace(engine_cfg.sim, tokenizer=fix(engine_cfg.sim.tokenizer)))
     gpus = f", {options['num_gpus']} GPU each" if options.get("num_gpus") else ""
     log(f"starting {replicas} engine replica(s) of {e.model} on Ray ({e.backend}{gpus}) ...")
-    return EngineFleet(e, str(Path(run_dir).resolve()), replicas, options, log=log)
+    return EngineFleet.of(e, str(Path(run_dir).resolve()), replicas, options, log=log)
