@@ -147,17 +147,39 @@ def fleet_stats(out: Path, slots: int) -> dict:
 
 def factory_side(args, port: int | None, work: Path, n: int, name: str = "run") -> dict:
     """`factory run` on n problems against the server on `port` (or, port None, on Ray's simulated replicas)."""
-    if port is not None:
+    if port is not None and name != "serve":
         http(f"http://127.0.0.1:{port}/sim/reset", b"")
     out = work / f"{name}-{n}"
+    ray_cpu = ray_cpu_seconds() if name == "serve" else 0.0
     wall, peak, driver = run_factory(recipe(out, write_problems(work / f"problems-{n}.jsonl", n), port, args))
-    sim = http(f"http://127.0.0.1:{port}/sim/stats") if port is not None else fleet_stats(out, args.slots)
+    ray_cpu = ray_cpu_seconds() - ray_cpu if name == "serve" else None
     m = json.loads((out / "manifest.json").read_text())
     ro = m["stages"]["rollout"]
+    if name == "serve":  # busy slot-seconds are tokens / rate (a sequence holds its slot that long)
+        slots = args.slots * args.replicas
+        sim = {"tokens": ro["generated_tokens"], "window_seconds": ro["seconds"], "sequences": ro["out"],
+               "utilization": ro["generated_tokens"] / args.rate / (slots * ro["seconds"])}
+    else:
+        sim = http(f"http://127.0.0.1:{port}/sim/stats") if port is not None else fleet_stats(out, args.slots)
+    sim["stage_utilization"] = sim["tokens"] / args.rate / (sim.get("slots", args.slots * args.replicas) * ro["seconds"])
     text_bytes = sum(os.path.getsize(p) for p in (out / "stages" / "rollout").glob("shard-*.parquet"))
     return {"wall": wall, "peak_rss": peak, "driver_peak_rss": driver, "sim": sim, "rollout": ro, "traces": ro["out"],
+            "serve_cpu_seconds": ray_cpu,
             "rollout_seconds": ro["seconds"], "text_bytes": sim["tokens"] * 4, "rollout_parquet_bytes": text_bytes,
             "out": out}
+
+
+def ray_cpu_seconds() -> float:
+    """CPU seconds used so far by this process's Ray instance (Serve's proxy, router and replicas)."""
+    total = 0.0
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.cmdline()[:1] != [sys.executable]:  # Ray's processes, not a `factory run`
+                t = p.cpu_times()
+                total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
 
 
 def products_digest(run: Path) -> str:
@@ -175,6 +197,44 @@ def products_digest(run: Path) -> str:
                       for f in sorted((run / "rejected").glob("*/*.parquet")) for r in pq.read_table(f).to_pylist())
     h.update("".join(rejected).encode())
     return h.hexdigest()[:16]
+
+
+def start_serve(args) -> tuple[int, object]:
+    """Ray Serve with `--replicas` replicas of a deployment holding simserver's Teacher
+    (`--slots` each) behind Serve's HTTP proxy, on this process's Ray instance; returns its port.
+    The replicas keep no window of their own: Serve's router hands each request to a replica
+    with fewer than `--serve-ongoing` requests (power of two choices), and the factory's server
+    client (local executor) keeps its window of requests in flight against the proxy."""
+    import asyncio
+
+    import ray
+    from ray import serve
+    from starlette.responses import JSONResponse
+
+    from factory.engines.simserver import Teacher
+
+    @serve.deployment
+    class SimReplica:
+        # the completions route of simserver's app, on Serve (which routes each request to a replica)
+        def __init__(self, slots, rate, median, sigma, max_model_len):
+            self.teacher = Teacher(slots, rate, median, sigma, max_model_len)
+
+        async def __call__(self, request):
+            t = self.teacher
+            body = await request.json()
+            prompt, n, max_tokens = body["prompt"], int(body.get("n") or 1), int(body.get("max_tokens") or 16)
+            outs = await asyncio.gather(*(t.run_sequence(prompt, int(body["seed"]) + i, max_tokens) for i in range(n)))
+            return JSONResponse({"choices": [{"index": i, "text": x, "finish_reason": f} for i, (x, _, f) in enumerate(outs)],
+                                 "usage": {"prompt_tokens": max(1, len(prompt) // 4), "completion_tokens": sum(k for _, k, _ in outs)}})
+
+    port = free_port()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = SimReplica.options(num_replicas=args.replicas, max_ongoing_requests=args.serve_ongoing,
+                             ray_actor_options={"num_cpus": 0}).bind(args.slots, args.rate, args.median, args.sigma,
+                                                                     args.max_tokens + 1024)
+    handle = serve.run(app, route_prefix="/v1", name="sim")
+    return port, handle
 
 
 def ray_side(args, port: int, n: int) -> dict:
@@ -221,19 +281,25 @@ def report(label: str, n: int, r: dict, slots: int, args) -> dict:
           + (f", driver CPU {1000 * cpu_ms / max(r['traces'], 1):.2f} ms/trace "
              f"({4 * sim['tokens'] / max(r['traces'], 1) / 1024:.1f} KB/trace)" if cpu_ms is not None else ""), flush=True)
     return {"problems": n, "utilization": round(sim["utilization"], 4), "window_seconds": round(sim["window_seconds"], 2),
+            "stage_utilization": round(sim["stage_utilization"], 4), "rollout_seconds": round(r["rollout_seconds"], 2),
             "ideal_seconds": round(ideal, 2), "traces": r["traces"], "wall_seconds": round(r["wall"], 1),
             "peak_rss_mb": round(r["peak_rss"] / 2**20), "driver_peak_rss_mb": round(r["driver_peak_rss"] / 2**20),
             "text_gb": round(r["text_bytes"] / 2**30, 3),
             "driver_cpu_ms_per_trace": round(1000 * cpu_ms / max(r["traces"], 1), 3) if cpu_ms is not None else None,
-            **({"replica_utilization": sim["replica_utilization"]} if "replica_utilization" in sim else {})}
+            **({"replica_utilization": sim["replica_utilization"]} if "replica_utilization" in sim else {}),
+            **({"serve_cpu_ms_per_trace": round(1000 * r["serve_cpu_seconds"] / max(r["traces"], 1), 3)}
+               if r.get("serve_cpu_seconds") is not None else {})}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", type=int, default=512)
     ap.add_argument("--k", type=int, default=8, help="traces per problem")
-    ap.add_argument("--executor", choices=("local", "ray"), default="local",
-                    help="local: factory run against one simulated server; ray: executor=ray over --replicas simulated replicas")
+    ap.add_argument("--executor", choices=("local", "ray", "serve"), default="local",
+                    help="local: factory run against one simulated server; ray: executor=ray over --replicas simulated "
+                         "replicas; serve: the local executor against --replicas simulated replicas on Ray Serve")
+    ap.add_argument("--serve-ongoing", type=int, default=None,
+                    help="--executor serve: Serve's max_ongoing_requests per replica (default: 1.25 x --slots)")
     ap.add_argument("--replicas", type=int, default=8, help="--executor ray: simulated engine replicas")
     ap.add_argument("--slots", type=int, default=256, help="slots of the server (local) or of each replica (ray)")
     ap.add_argument("--baseline", action="store_true",
@@ -249,25 +315,29 @@ def main() -> None:
     ap.add_argument("--ray-actors", type=int, default=16, help="Ray Data LLM's concurrency (HTTP actors)")
     ap.add_argument("--memory", action="store_true", help="peak RSS at N and 10N problems")
     args = ap.parse_args()
-    on_ray = args.executor == "ray"
-    total = args.slots * (args.replicas if on_ray else 1)
+    total = args.slots * (args.replicas if args.executor != "local" else 1)
+    args.serve_ongoing = args.serve_ongoing or args.slots + args.slots // 4
     work = Path(tempfile.mkdtemp(prefix="fleet-"))
     port, server = None, None
-    if not on_ray or args.baseline or args.ray:  # one server with every slot
+    if args.executor == "local" or args.baseline or args.ray:  # one server with every slot
         port = free_port()
         server = start_server(argparse.Namespace(**{**vars(args), "slots": total}), port)
+    serve_port = start_serve(args)[0] if args.executor == "serve" else None
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    teacher = f"{args.replicas} replicas x {args.slots} slots on Ray" if on_ray else f"{args.slots} slots"
+    teacher = {"ray": f"{args.replicas} replicas x {args.slots} slots on Ray",
+               "serve": f"{args.replicas} replicas x {args.slots} slots on Ray Serve (max_ongoing_requests "
+                        f"{args.serve_ongoing})"}.get(args.executor, f"{args.slots} slots")
     print(f"machine: {cpu}, {os.cpu_count()} cores; simulated teacher: {teacher} x {args.rate:g} tok/s, "
           f"lengths lognormal(median {args.median:g}, sigma {args.sigma}) capped at {args.max_tokens}", flush=True)
     out = {"cpu": cpu, "cores": os.cpu_count(), "executor": args.executor, "slots": args.slots, "k": args.k,
            "rate": args.rate, "median": args.median, "sigma": args.sigma, "max_tokens": args.max_tokens,
-           **({"replicas": args.replicas} if on_ray else {})}
+           **({"replicas": args.replicas} if args.executor != "local" else {}),
+           **({"serve_max_ongoing_requests": args.serve_ongoing} if args.executor == "serve" else {})}
     try:
         sizes = [args.problems, 10 * args.problems] if args.memory else [args.problems]
         results, runs = {}, {}
         for n in sizes:
-            results[n] = factory_side(args, None if on_ray else port, work, n, args.executor)
+            results[n] = factory_side(args, {"ray": None, "serve": serve_port}.get(args.executor, port), work, n, args.executor)
             runs[n] = report(f"factory ({args.executor})", n, results[n], total, args)
         out.update({k: v for k, v in runs[sizes[0]].items()})
         if args.memory:
@@ -277,7 +347,7 @@ def main() -> None:
                   f"{a['driver_peak_rss'] / 2**20:.0f} MB = {b['driver_peak_rss'] / a['driver_peak_rss']:.2f}x")
             out["memory"] = {"runs": [runs[n] for n in sizes], "peak_rss_ratio": round(b["peak_rss"] / a["peak_rss"], 3),
                              "driver_peak_rss_ratio": round(b["driver_peak_rss"] / a["driver_peak_rss"], 3)}
-        if on_ray and args.baseline:
+        if args.executor != "local" and args.baseline:
             n = args.problems
             base = factory_side(args, port, work, n, "local")
             figures = report("factory (local, one server)", n, base, total, args)

@@ -11,10 +11,16 @@ with those forced lengths, and per round:
   problems dealt round-robin), all replicas at the same time: the ceiling per replica;
 - fleet:       the pipeline's continuous rollout (`factory.run.continuous`, shards of `--shard`
                problems, partial files and all) through an `EngineFleet` of the same actors,
-               each replica streaming what it takes from its inbox.
+               each replica streaming what it takes from its inbox;
+- requests only: `EngineFleet.stream` over the same requests already prepared (no rollout
+               stage on the driver), which separates the fleet from the driver's own work;
+- engine stream: each replica's share through its engine's own `stream` inside the actor (fed
+               from a list, no inbox, no driver), which separates the engine's stream from the fleet.
 
 Prints each replica's tokens/s on both sides (fleet: its tokens over the time from the first
-request it took to the last it finished) and their ratio, then a JSON line.
+request it took to the last it finished) and their ratio, then a JSON line. With `--ray-data`,
+the same requests also go through Ray Data LLM's vLLM engine processor (`--replicas` engines of
+one CPU each), timed end to end with its engines' start (`ray_data_llm` says which settings).
 """
 
 from __future__ import annotations
@@ -44,6 +50,26 @@ from factory.run.continuous import rollout_shards  # noqa: E402
 from factory.stages.rollout import RolloutConfig, prepare  # noqa: E402
 
 
+def cpu_by_process() -> dict[str, float]:
+    """CPU seconds so far of this process and of every process of its Ray instance, by name."""
+    import psutil
+
+    out: dict[str, float] = {}
+    me = psutil.Process()
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            name = "driver" if p.pid == me.pid else p.name()
+            t = p.cpu_times()
+            out[name] = out.get(name, 0.0) + t.user + t.system
+        except psutil.Error:
+            pass
+    return out
+
+
+def cpu_delta(before: dict, after: dict) -> dict:
+    return {k: round(after[k] - before.get(k, 0.0), 2) for k in after if after[k] - before.get(k, 0.0) >= 0.05}
+
+
 def generate_share(requests: list[tuple[list[int], Sampling]], engine) -> dict:
     """In a replica: one LLM.generate over its share (the engine's forced lengths applied)."""
     params = [engine.sampling_params(s) for _, s in requests]
@@ -51,6 +77,17 @@ def generate_share(requests: list[tuple[list[int], Sampling]], engine) -> dict:
     outs = engine.llm.generate([{"prompt_token_ids": ids} for ids, _ in requests], params, use_tqdm=False)
     seconds = time.perf_counter() - t0
     return {"tokens": sum(len(c.token_ids) for o in outs for c in o.outputs), "seconds": seconds}
+
+
+def stream_share(requests: list[tuple[list[int], Sampling]], engine) -> dict:
+    """In a replica: its share through the engine's own `stream` (what the fleet runs there, fed
+    from a list instead of the inbox)."""
+    from factory.engines import Request
+
+    t0, tokens = time.perf_counter(), 0
+    for _, outs in engine.stream([Request(i, ids, s) for i, (ids, s) in enumerate(requests)]):
+        tokens += sum(c.num_tokens for c in outs)
+    return {"tokens": tokens, "seconds": time.perf_counter() - t0}
 
 
 def main() -> None:
@@ -64,6 +101,9 @@ def main() -> None:
     ap.add_argument("--sigma", type=float, default=0.8)
     ap.add_argument("--cap", type=int, default=400)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--prefetch", type=int, default=2, help="EngineFleet prefetch")
+    ap.add_argument("--ray-data", action="store_true", help="also Ray Data LLM's vLLM engine processor, end to end")
+    ap.add_argument("--ray-data-batch", type=int, default=64, help="its batch_size")
     args = ap.parse_args()
     import ray
     import ray.cloudpickle
@@ -75,7 +115,7 @@ def main() -> None:
     ray.cloudpickle.register_pickle_by_value(rollout_continuous)  # the actors cannot import benchmarks/
     t0 = time.perf_counter()
     fleet = EngineFleet(functools.partial(ForcedLengths, config, args.median, args.sigma, args.cap), HFTokenizer(model),
-                        args.replicas, {"num_cpus": 1})
+                        args.replicas, {"num_cpus": 1}, prefetch=args.prefetch)
     start = time.perf_counter() - t0
     rows = [{"problem_id": f"p{i}", "question": p["question"], "answer": p["answer"], "domain": "numeric",
              "choices": None, "source": "bench", "split": "train"}
@@ -94,22 +134,46 @@ def main() -> None:
         got = ray.get([r.call.remote(functools.partial(generate_share, share[j])) for j, r in enumerate(fleet.replicas)])
         return [g["tokens"] / g["seconds"] for g in got]
 
+    def engine_stream() -> list[float]:
+        got = ray.get([r.call.remote(functools.partial(stream_share, share[j])) for j, r in enumerate(fleet.replicas)])
+        return [g["tokens"] / g["seconds"] for g in got]
+
+    fleet_seconds, driver_cpu = [], []  # a round's wall time, and the CPU the driver spent in it
+
     def streamed() -> list[float]:
         fleet.stats(reset=True)
         out = store.StageDir(tmp / "run", "rollout")
         shutil.rmtree(out.path, ignore_errors=True)
+        t0, cpu0 = time.perf_counter(), time.process_time()
         rollout_shards(out, ingest, list(range(n_shards)), cfg, fleet)
+        fleet_seconds.append(round(time.perf_counter() - t0, 2))
+        driver_cpu.append(round(time.process_time() - cpu0, 2))
         # per replica: its tokens over the span from the first request it took to its last answer
+        return [s["tokens"] / (s["last_done"] - s["first_taken"]) for s in fleet.stats()]
+
+    def requests_only() -> list[float]:
+        """fleet.stream over the prepared requests: the fleet without the pipeline's work on the driver."""
+        from factory.engines import Request
+
+        fleet.stats(reset=True)
+        for _ in fleet.stream([Request(i, p.ids, p.sampling) for i, p in enumerate(fits)]):
+            pass
         return [s["tokens"] / (s["last_done"] - s["first_taken"]) for s in fleet.stats()]
 
     all_at_once()  # warm up both paths
     streamed()
-    base, fleet_rates = [], []
+    base, fleet_rates, raw, own, cpu_use = [], [], [], [], {}
     for k in range(args.rounds):
-        base.append(all_at_once())
-        fleet_rates.append(streamed())
+        for name, side, got in (("all at once", all_at_once, base), ("fleet", streamed, fleet_rates),
+                                ("requests only", requests_only, raw), ("engine stream", engine_stream, own)):
+            c0, t0 = cpu_by_process(), time.perf_counter()
+            got.append(side())
+            # where the cores went during the round (the replicas are the ray::Replica processes)
+            cpu_use.setdefault(name, []).append({"wall_s": round(time.perf_counter() - t0, 2), **cpu_delta(c0, cpu_by_process())})
         print(f"round {k + 1}: " + "   ".join(f"replica {j}: all at once {base[-1][j]:7.0f} tok/s, fleet {fleet_rates[-1][j]:7.0f} "
-                                              f"({fleet_rates[-1][j] / base[-1][j]:.3f}x)" for j in range(args.replicas)),
+                                              f"({fleet_rates[-1][j] / base[-1][j]:.3f}x; requests only "
+                                              f"{raw[-1][j] / base[-1][j]:.3f}x; its engine's stream alone "
+                                              f"{own[-1][j] / base[-1][j]:.3f}x)" for j in range(args.replicas)),
               flush=True)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     draw = types.SimpleNamespace(median=args.median, sigma=args.sigma, cap=args.cap)  # the engines' draw
@@ -118,13 +182,57 @@ def main() -> None:
     print(f"\n{cpu}; {args.replicas} replicas x 1 CPU, dtype {args.dtype}, engine start {start:.0f} s")
     print(f"{args.problems} problems x 8 in {n_shards} shards of {args.shard}; forced lengths median "
           f"{lengths[len(lengths) // 2]}, p95 {lengths[int(0.95 * len(lengths))]}, max {lengths[-1]} tokens")
+    for name, rounds in cpu_use.items():
+        print(f"CPU seconds by process, {name}: {rounds[-1]}")
+    raw_ratios = [statistics.median(f[j] / b[j] for f, b in zip(raw, base)) for j in range(args.replicas)]
     for j, r in enumerate(ratios):
-        print(f"replica {j}: fleet / all at once over its share = {r:.3f} (median of per-round ratios)")
-    print(json.dumps({"cpu": cpu, "replicas": args.replicas, "problems": args.problems, "shard": args.shard,
-                      "dtype": args.dtype, "all_at_once_tok_s": base, "fleet_tok_s": fleet_rates,
-                      "ratio_per_replica": [round(r, 3) for r in ratios], "engine_start_s": round(start, 1)}))
+        print(f"replica {j}: fleet / all at once over its share = {r:.3f}; the fleet on the prepared requests alone "
+              f"(no rollout stage on the driver) {raw_ratios[j]:.3f} (medians of per-round ratios)")
+    result = {"cpu": cpu, "replicas": args.replicas, "problems": args.problems, "shard": args.shard,
+              "dtype": args.dtype, "all_at_once_tok_s": base, "fleet_tok_s": fleet_rates,
+              "ratio_per_replica": [round(r, 3) for r in ratios], "engine_start_s": round(start, 1),
+              "requests_only_tok_s": raw, "requests_only_ratio_per_replica": [round(r, 3) for r in raw_ratios],
+              "engine_stream_tok_s": own,
+              "fleet_round_s": fleet_seconds, "driver_cpu_s": driver_cpu, "prefetch": args.prefetch, "cpu_seconds": cpu_use}
     fleet.close()
+    if args.ray_data:
+        result["ray_data_llm"] = ray_data_llm(args, model, fits)
+        r = result["ray_data_llm"]
+        print(f"Ray Data LLM vLLMEngineProcessorConfig ({r['settings']}): {r['tokens']} tokens in {r['seconds']:.1f} s "
+              f"end to end ({r['tokens'] / r['seconds']:.0f} tok/s); the fleet: start {start:.0f} s + "
+              f"{min(fleet_seconds):.1f} s per round")
+    print(json.dumps(result))
     ray.shutdown()
+
+
+def ray_data_llm(args, model: str, fits) -> dict:
+    """The same requests through Ray Data LLM's vLLM engine processor, `--replicas` engines, end to
+    end (its engines' start included). One row per sample (its engine stage returns one output
+    per row), seeded seed+i as vLLM seeds sample i of an n-request; lengths forced as above.
+    The settings that let it start on a CPU-only cluster: a placement group of one CPU bundle
+    (without one the engine stage asks for a GPU per engine), and no chat-template, tokenize or
+    detokenize stages (a CPU actor each: with them a 2-CPU cluster cannot run the engine)."""
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    draw = types.SimpleNamespace(median=args.median, sigma=args.sigma, cap=args.cap)
+    rows = [{"ids": list(p.ids), "seed": p.sampling.seed + i, "budget": ForcedLengths.budget(draw, p.sampling.seed)}
+            for p in fits for i in range(p.sampling.n)]
+    settings = dict(batch_size=args.ray_data_batch, concurrency=args.replicas, max_concurrent_batches=8,
+                    placement_group_config={"bundles": [{"CPU": 1}]},
+                    chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
+    config = vLLMEngineProcessorConfig(
+        model_source=model, runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+        engine_kwargs={"dtype": args.dtype, "max_model_len": args.cap + 64, "enable_chunked_prefill": False},
+        **settings)
+    proc = build_processor(config, preprocess=lambda r: {
+        "tokenized_prompt": r["ids"], "sampling_params": {"n": 1, "temperature": 1.0, "top_p": 1.0, "seed": int(r["seed"]),
+                                                          "max_tokens": int(r["budget"]), "ignore_eos": True}},
+        postprocess=lambda r: {"tokens": r["num_generated_tokens"]})
+    t0 = time.perf_counter()
+    tokens = sum(int(r["tokens"]) for r in proc(ray.data.from_items(rows)).iter_rows())
+    return {"tokens": tokens, "seconds": round(time.perf_counter() - t0, 1),
+            "settings": {k: v for k, v in settings.items()}}
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ vLLM in the actor's process, or the simulated teacher) and running that engine's
 local executor's engine does. The stream's source is the replica's inbox: the engine takes
 the next request the moment it has room, across any shard boundary.
 
-The driver keeps every inbox `prefetch` requests deep and no deeper. A replica's replies (a
+The driver keeps every inbox short: `prefetch` requests, or about half a second of what that
+replica's engine takes, whichever is more. A replica's replies (a
 long-poll, `Replica.poll`) carry the requests its engine took and the requests it finished;
 each reply is the replica asking for as much work as it took, so a fast replica gets more and
 none sits on a queue while another idles at the end of the run (work a replica has taken
@@ -53,7 +54,11 @@ class Replica:
     def __init__(self, make: Callable[[], Any], window: int | None):
         self.engine = make()
         self.window = window
-        self.cond = threading.Condition()
+        # one lock, two conditions: the engine thread waits for work when idle, `poll` for news;
+        # each is woken only when it has something to wake for (a wake-up costs the engine the GIL)
+        lock = threading.Lock()
+        self.work, self.news = threading.Condition(lock), threading.Condition(lock)
+        self.hungry = threading.Event()  # the inbox ran dry: the driver should hear at once
         self.inbox: collections.deque = collections.deque()
         self.taken: list[int] = []  # request ids the engine took since the last poll
         self.done: list[tuple[int, list[Completion]]] = []  # finished since the last poll
@@ -69,20 +74,33 @@ class Replica:
                 "window": self.window or getattr(e, "default_window", None), "pid": os.getpid()}
 
     def submit(self, requests: list[Request]) -> None:
-        with self.cond:
+        with self.work:
             self.inbox.extend(requests)
-            self.cond.notify_all()
+            self.hungry.clear()
+            self.work.notify()
+
+    LINGER_S = 0.05
 
     def poll(self, wait_s: float) -> tuple[list[int], list[tuple[int, list[Completion]]], str | None]:
-        """Wait up to `wait_s` for news; return (ids taken, (id, completions) finished, engine error)."""
-        with self.cond:
-            self.cond.wait_for(lambda: self.taken or self.done or self.error, timeout=wait_s)
+        """Wait up to `wait_s` for news; return (ids taken, (id, completions) finished, engine error).
+        Once there is news, more is gathered for up to LINGER_S unless the inbox runs dry: a reply
+        per finished request would cost the engine's process a Ray call each time (measured: the
+        replicas spent ~15% more CPU per token answering every event)."""
+        with self.news:
+            self.news.wait_for(self._has_news, timeout=wait_s)
+            ready = self._has_news()
+        if ready and self.error is None:
+            self.hungry.wait(self.LINGER_S)
+        with self.news:
             taken, done, self.taken, self.done = self.taken, self.done, [], []
             return taken, done, self.error
 
+    def _has_news(self) -> bool:
+        return bool(self.taken or self.done or self.error)
+
     def drop(self) -> None:
         """Forget the requests not yet taken (the driver's stream ended early)."""
-        with self.cond:
+        with self.work:
             self.inbox.clear()
 
     def stats(self, reset: bool = False) -> dict:
@@ -101,13 +119,16 @@ class Replica:
 
     def _source(self) -> Iterator[Request | None]:
         while True:
-            with self.cond:
+            with self.work:
                 while not self.inbox and not self.in_flight:
-                    self.cond.wait()  # idle: nothing queued, nothing decoding
+                    self.work.wait()  # idle: nothing queued, nothing decoding
                 r = self.inbox.popleft() if self.inbox else None
                 if r is not None:
+                    if not self._has_news():
+                        self.news.notify()
                     self.taken.append(r.key)
-                    self.cond.notify_all()
+                    if not self.inbox:
+                        self.hungry.set()
                     self.counts.setdefault("first_taken", time.time())
             if r is None:
                 yield None  # nothing queued: the engine goes on with what it has in flight
@@ -123,13 +144,15 @@ class Replica:
                 self.in_flight -= 1
                 self.counts["tokens"] += sum(c.num_tokens for c in completions)
                 self.counts["last_done"] = time.time()
-                with self.cond:
+                with self.news:
+                    if not self._has_news():
+                        self.news.notify()
                     self.done.append((rid, completions))
-                    self.cond.notify_all()
         except BaseException:  # noqa: BLE001 - handed to the driver, which fails the run with it
-            with self.cond:
+            with self.news:
                 self.error = traceback.format_exc()[-4000:]
-                self.cond.notify_all()
+                self.news.notify_all()
+            self.hungry.set()
 
 
 class EngineFleet:
@@ -137,6 +160,7 @@ class EngineFleet:
     tokenized here, on the driver, with the model's own tokenizer (`front`)."""
 
     POLL_S = 2.0
+    QUEUE_S = 0.5
 
     @classmethod
     def of(cls, config: EngineConfig, run_dir: str, replicas: int, actor_options: dict | None = None,
@@ -157,13 +181,16 @@ class EngineFleet:
             replicas: how many actors.
             actor_options: Ray resources per actor (num_cpus, num_gpus).
             window: sequences in flight per replica (unset: its engine's default).
-            prefetch: requests queued in a replica's inbox beyond what its engine took.
+            prefetch: requests queued in a replica's inbox beyond what its engine took, at least;
+                more when it takes them fast (about QUEUE_S of its intake, so the inbox does not
+                run dry between a reply and the refill it brings).
             max_restarts: restarts of one replica (by Ray) before it is given up (a node lost
                 now and then over a long run is survived; an engine that crashes on every start is not).
         """
         import ray
 
         self.log, self.prefetch = log, max(1, prefetch)
+        self.intake = [0.0] * replicas  # requests per second each replica's engine takes (moving average)
         self.max_restarts = max_restarts
         actor = ray.remote(max_concurrency=4, max_restarts=max_restarts)(Replica)
         self.replicas = [actor.options(**(actor_options or {})).remote(make, window) for _ in range(replicas)]
@@ -213,12 +240,13 @@ class EngineFleet:
         queued = [set() for _ in self.replicas]  # ids sent to a replica and not yet taken by its engine
         held = [set() for _ in self.replicas]  # ids sent to a replica and not yet finished
         resend: collections.deque = collections.deque()
+        last_reply: dict[int, float] = {}
         try:
             while True:
                 batches = collections.defaultdict(list)
                 while True:
                     room = [j for j in range(len(self.replicas))
-                            if self.up[j] and self.ready[j] and len(queued[j]) < self.prefetch]
+                            if self.up[j] and self.ready[j] and len(queued[j]) < self.depth(j)]
                     if not room:
                         break
                     if resend:
@@ -265,6 +293,11 @@ class EngineFleet:
                         raise RuntimeError(f"engine fleet: the engine of replica {j} failed:\n{error}")
                     self.ready[j] = True
                     queued[j].difference_update(taken)
+                    now = time.monotonic()
+                    if taken and j in last_reply:
+                        rate = len(taken) / max(now - last_reply[j], 1e-3)
+                        self.intake[j] = 0.8 * self.intake[j] + 0.2 * rate
+                    last_reply[j] = now
                     for rid, completions in done:
                         if pending.get(rid, (None,))[0] != j:
                             continue  # re-sent after this replica was thought lost, or from an earlier stream
@@ -278,6 +311,10 @@ class EngineFleet:
                 for j in range(len(self.replicas)):
                     if self.up[j]:
                         self.replicas[j].drop.remote()
+
+    def depth(self, j: int) -> int:
+        """How many requests replica j's inbox is kept at: `prefetch`, or QUEUE_S of its intake."""
+        return max(self.prefetch, int(self.intake[j] * self.QUEUE_S + 0.999))
 
     def _lost(self, j: int, error: Exception, pending: dict, queued: list, held: list, resend) -> None:
         """Replica j's poll failed. ActorUnavailableError: it died (or cannot be reached) and Ray is

@@ -35,7 +35,6 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-from datasketch import MinHash
 
 from factory import schema, store
 
@@ -126,6 +125,8 @@ def dedup_rows(problems: store.Shards, cfg: DedupConfig, stats: dict) -> Iterato
     the texts of the rows that share an LSH bucket with another row (the candidate pairs, read
     back from the shards in one pass for the exact check) and the removed rows' kept ids.
     """
+    from datasketch import MinHash  # (imported here: it takes its time and scipy with it)
+
     n = problems.num_rows
     exact_hash = np.zeros((n, 2), dtype=np.uint64)
     group = np.zeros(n, dtype=np.int8)
