@@ -20,6 +20,13 @@ What it measures:
   forward costs about 2 x parameters FLOPs per token read, printed as GFLOP per trace token for
   a 7B model.
 
+With `--r1 FILE` the traces are real ones instead: a JSONL of R1-distill outputs (fields
+`question` and `trace`, the whole output from `<think>` to the answer), scored through the score
+stage itself (prm.score.score_table, the recipe's default split) with the stand-in at
+`--context` positions; it prints how many traces with a reasoning part had every step scored,
+and the longest trace against the context. Where such traces come from: NOTES.md (public
+DeepSeek-R1-Distill traces on MATH level 5; not shipped here, they are not this project's writing).
+
 The last line is JSON.
 """
 
@@ -69,6 +76,49 @@ def r1_like_items(n: int, tokenizer, seed: int = 0, median: int = 3000, sigma: f
     return items, targets
 
 
+def real_traces(path: Path, scorer, context: int, merge_tokens: int | None) -> dict:
+    """Real R1 traces through the score stage: every step scored? (acceptance of issue 26)."""
+    import pyarrow as pa
+
+    from factory.answers import split_think
+    from prm.score import ScoreConfig, score_table
+    from prm.steps import SplitConfig
+
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            r = json.loads(line)
+            rows.append({"question": r["question"], "reasoning": split_think(r["trace"]).reasoning,
+                         "model": r.get("model", "?")})
+    cfg = ScoreConfig(split=SplitConfig(merge_tokens=merge_tokens))
+    cfg.prm.model = scorer.cfg.model
+    t0 = time.perf_counter()
+    table, stats = score_table(pa.Table.from_pylist(rows), cfg, scorer)
+    seconds = time.perf_counter() - t0
+    out = table.to_pylist()
+    with_reasoning = [r for r in out if r["prm_num_unmerged_steps"]]
+    every = [r for r in with_reasoning if r["prm_status"] == "ok" and len(r["prm_step_scores"]) == r["prm_num_steps"]]
+    longest = max(r["prm_num_tokens"] or 0 for r in out)
+    steps = [r["prm_num_steps"] for r in with_reasoning]
+    windows = [r["prm_windows"] for r in every]
+    least = [r["prm_min_context_tokens"] for r in every if r["prm_min_context_tokens"] is not None]
+    read = sum(r["prm_tokens_read"] for r in every) / max(1, sum(r["prm_num_tokens"] for r in every))
+    print(f"{path}: {len(out)} traces, {len(with_reasoning)} with a reasoning part; steps per trace median "
+          f"{statistics.median(steps):.0f}, max {max(steps)} (merge_tokens {merge_tokens}); PRM context {context} "
+          f"tokens, longest trace {longest} tokens ({longest / context:.1f}x the context)")
+    print(f"every step scored: {len(every)} of {len(with_reasoning)} ({len(every) / max(1, len(with_reasoning)):.0%}); "
+          f"statuses {stats['prm_status']}; windows per trace median {statistics.median(windows):.0f}, max {max(windows)}; "
+          f"least preceding context median {statistics.median(least) if least else None} tokens; "
+          f"tokens read per trace token {read:.3f}; {seconds:.1f} s")
+    return {"file": str(path), "traces": len(out), "with_reasoning": len(with_reasoning), "every_step_scored": len(every),
+            "statuses": stats["prm_status"], "context": context, "longest_trace_tokens": longest,
+            "longest_over_context": round(longest / context, 2), "steps_median": statistics.median(steps),
+            "steps_max": max(steps), "merge_tokens": merge_tokens, "windows_median": statistics.median(windows),
+            "windows_max": max(windows), "least_context_median": statistics.median(least) if least else None,
+            "tokens_read_per_trace_token": round(read, 4), "seconds": round(seconds, 2), "cpu": cpu_name(),
+            "backend": scorer.cfg.backend}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--traces", type=int, default=64)
@@ -77,6 +127,8 @@ def main() -> None:
     ap.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--r1", type=Path, help="a JSONL of real R1 traces (question, trace) to score instead")
+    ap.add_argument("--merge-tokens", type=int, default=None, help="--r1: score.split.merge_tokens")
     args = ap.parse_args()
 
     from prm import tiny
@@ -87,6 +139,12 @@ def main() -> None:
         cfg = PRMConfig(model=str(out), trust_remote_code=True, backend=args.backend, batch_size=args.batch_size,
                         window_read_factor=args.read_factor)
         scorer = PRMScorer(cfg)
+        if args.r1:
+            result = real_traces(args.r1, scorer, args.context, args.merge_tokens)
+            if args.backend == "vllm":
+                scorer.model.close()
+            print(json.dumps(result))
+            return
         items, targets = r1_like_items(args.traces, scorer.tokenizer, args.seed)
         t0 = time.perf_counter()
         results = scorer.score(items)

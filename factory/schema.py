@@ -114,6 +114,7 @@ SCORE_COLUMNS = [
     ("prm_windows", pa.int32()),  # PRM inputs it was read in (1: whole; more: longer than the PRM's context)
     ("prm_min_context_tokens", pa.int32()),  # fewest preceding-step tokens a step was scored with; null: none cut
     ("prm_tokens_read", pa.int32()),  # tokens the PRM read for it, all windows together
+    ("prm_cut_steps", pa.int32()),  # steps too long for the PRM's context, read in pieces (score.prm.cut_long_steps)
 ]
 
 # Per-problem statistics computed by curate and carried on its output rows.

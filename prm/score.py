@@ -3,14 +3,15 @@
 In:  graded traces.   Out: graded + schema.SCORE_COLUMNS (prm_step_scores, prm_num_steps,
      prm_mean / prm_min / prm_prod / prm_last, prm_status, prm_pass, prm_model, and how the PRM
      read the trace: prm_num_tokens, prm_windows, prm_min_context_tokens, prm_tokens_read,
-     prm_num_unmerged_steps).
+     prm_num_unmerged_steps, prm_cut_steps).
 
 Every step of every trace with reasoning is scored, whatever the trace's length or number of
 steps: a trace longer than the PRM's context is read in windows (prm.windows), and
-`prm_windows` / `prm_min_context_tokens` say how, so a user can filter on them. The only
-traces left unscored are those without reasoning, those with a step that cannot fit beside the
-question in the PRM's context (prm_status step_exceeds_context) and those whose separators
-miscount (separator_mismatch).
+`prm_windows` / `prm_min_context_tokens` say how, so a user can filter on them. A single step
+too long to fit beside the question is read in pieces and scored at its last one
+(`score.prm.cut_long_steps`, on by default; `prm_cut_steps` counts them). The only traces left
+unscored are those without reasoning, those whose separators miscount (separator_mismatch),
+and, with cut_long_steps off, those with such a step (step_exceeds_context).
 
 Scoring drops nothing (difficulty is the pass rate over *all* K traces, so curate must still
 see every one): it marks. `prm_pass` is false for a trace whose `filter_aggregate` is under
@@ -83,7 +84,7 @@ def score_table(graded: pa.Table, cfg: ScoreConfig, scorer: PRMScorer) -> tuple[
         rows[i].update(prm_status=res.status, prm_num_tokens=res.num_tokens)
         if res.status == OK:
             rows[i].update(prm_step_scores=res.scores, prm_windows=res.windows, prm_min_context_tokens=res.min_context,
-                           prm_tokens_read=res.tokens_read, **aggregates(res.scores))
+                           prm_tokens_read=res.tokens_read, prm_cut_steps=res.cut_steps, **aggregates(res.scores))
             tokens["traces"] += res.num_tokens
             tokens["read"] += res.tokens_read
             tokens["windowed"] += res.windows > 1

@@ -23,8 +23,9 @@ an error. A trace longer than the context is read in windows (prm.windows): each
 once, in the window that gives it the most preceding context, and a trace that fits is read
 whole, exactly as before. The scorer checks that the separators it reads equal the steps (a
 question holding the tag, or a tokenizer that merges it, would otherwise shift every score);
-traces that fail, or that hold a step too long to fit beside the question, come back with a
-status and no scores, never with scores that belong to other tokens.
+traces that fail come back with a status and no scores, never with scores that belong to other
+tokens. A step too long to fit beside the question is read in pieces (`cut_long_steps`); with
+that off, such a trace comes back unscored too.
 
     scorer = PRMScorer(PRMConfig(model="path/to/prm"))
     results = scorer.score([(question, steps), ...])     # -> [StepScores(scores, status, ...)]
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from prm import context, likelihood
+from prm.steps import cut_step
 from prm.windows import Window, least_context, plan_windows
 
 FAMILIES = ("classification", "lm", "likelihood")
@@ -75,6 +77,11 @@ class PRMConfig:
     """A trace longer than max_length is read in windows that total at most this many times its
     own tokens (prompt included): the larger, the more preceding context each window gives the
     steps it scores (prm.windows)."""
+    cut_long_steps: bool = True
+    """A step too long to fit beside the question is read in pieces (cut at line breaks, then
+    spaces: prm.steps.cut_step) of at most half the room, and its score is that of its last
+    piece, read after the pieces before it. False: such a trace is not scored
+    (step_exceeds_context)."""
     dtype: str = "float32"
     """Weights dtype (bfloat16 on GPU); softmax is always float32."""
     device: str | None = None
@@ -92,6 +99,7 @@ class StepScores:
     min_context: int | None = None  # fewest preceding-step tokens a step was scored with; None: none was cut
     tokens_read: int = 0  # tokens of all its windows
     plan: list[Window] | None = None  # the windows (prm.windows), steps indexed in the trace
+    cut_steps: int = 0  # steps too long for the context, read in pieces (prm.cut_long_steps)
 
 
 def aggregates(scores: list[float]) -> dict[str, float]:
@@ -281,10 +289,13 @@ class PRMScorer:
         mismatch = plan is not None and any(len(encoded[(w.start, w.end)][1]) != w.end - w.start for w in plan)
         return plan, encoded, mismatch
 
-    def score(self, items: list[tuple[str, list[str]]]) -> list[StepScores]:
-        """Scores for each (question, steps); order of the results = order of `items`."""
+    def score(self, items: list[tuple[str, list[str]]], cut: bool | None = None) -> list[StepScores]:
+        """Scores for each (question, steps); order of the results = order of `items`. `cut`:
+        read steps too long for the context in pieces (default: cfg.cut_long_steps)."""
+        cut = self.cfg.cut_long_steps if cut is None else cut
         encoded = self._encode_many(items)
         results: list[StepScores | None] = [None] * len(items)
+        cuts: dict[int, tuple[list[str], list[int], int]] = {}  # item: its pieces, each step's last piece, steps cut
         jobs, plans = [], {}  # jobs: (item, window's encoding, steps it scores)
         for i, ((q, steps), enc) in enumerate(zip(items, encoded)):
             n = len(enc[0])
@@ -299,7 +310,10 @@ class PRMScorer:
                 results[i] = StepScores(None, SEPARATOR_MISMATCH, n)
                 continue
             if plan is None:
-                results[i] = StepScores(None, STEP_EXCEEDS_CONTEXT, n)
+                if cut and (pieces := self._cut(q, steps, enc)) is not None:
+                    cuts[i] = pieces
+                else:
+                    results[i] = StepScores(None, STEP_EXCEEDS_CONTEXT, n)
                 continue
             lengths = [b - a for a, b in enc[1]]
             plans[i] = (plan, least_context(plan, lengths), sum(len(by_span[(w.start, w.end)][0]) for w in plan))
@@ -313,4 +327,31 @@ class PRMScorer:
             v = got[i]
             scores = self.head.probabilities(likelihood.with_prefix(v)).tolist() if self.cfg.family == "likelihood" else v
             results[i] = StepScores(scores, OK, len(encoded[i][0]), len(plan), least, read, plan)
+        if cuts:  # the pieces fit: read them as steps, and give each step its last piece's score
+            got_cut = self.score([(items[i][0], pieces) for i, (pieces, _, _) in cuts.items()], cut=False)
+            for (i, (_, last, n_cut)), res in zip(cuts.items(), got_cut):
+                scores = [res.scores[k] for k in last] if res.status == OK else None
+                results[i] = StepScores(scores, res.status, len(encoded[i][0]), res.windows, res.min_context,
+                                        res.tokens_read, None, n_cut)
         return results
+
+    def _cut(self, question: str, steps: list[str], enc: Encoded) -> tuple[list[str], list[int], int] | None:
+        """The trace's steps with each one too long for the context cut into pieces of at most
+        half the room beside the prompt: (pieces, index of each step's last piece, steps cut);
+        None when the prompt leaves no room for a piece."""
+        ids, spans = enc
+        lengths = [b - a for a, b in spans]
+        room = self.max_length - (len(ids) - sum(lengths))
+        size = (room - 4) // 2  # a piece as encoded may come out a token or two over its units' count
+        if size < 1:
+            return None
+        count = lambda texts: [len(t) for t in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]  # noqa: E731
+        pieces, last, n_cut = [], [], 0
+        for step, n in zip(steps, lengths):
+            if n > room - 4:
+                pieces.extend(p for p in cut_step(step, size, count))
+                n_cut += 1
+            else:
+                pieces.append(step)
+            last.append(len(pieces) - 1)
+        return (pieces, last, n_cut) if n_cut else None

@@ -8,8 +8,9 @@ ProcessBench) and R1 traces delimit steps. R1 writes many one-line paragraphs ("
 check."); `merge_tokens` joins consecutive ones into steps of up to that many PRM tokens, so a
 step is a unit of reasoning rather than a line. There is no ceiling on the number of steps or
 their length here: the scorer reads a trace longer than its context in windows (prm.windows),
-and the only trace it cannot score is one with a single step that does not fit beside the
-question, which it says (status step_exceeds_context).
+and a single step too long to fit beside the question is read in pieces (`cut_step`, used by the
+scorer with `prm.cut_long_steps`, the default); without that such a trace says so (status
+step_exceeds_context).
 """
 
 from __future__ import annotations
@@ -105,3 +106,46 @@ def split_and_merge(reasoning: str | None, cfg: SplitConfig, count: CountTokens 
             raise ValueError("split.merge_tokens counts tokens, and this caller has no tokenizer to count with")
         spans = merge_spans(text, spans, cfg.merge_tokens, count)
     return [text[a:b] for a, b in spans], parts, OK
+
+
+def cut_step(text: str, max_tokens: int, count: CountTokens) -> list[str]:
+    """A step too long for the PRM cut into consecutive pieces of at most ~max_tokens tokens:
+    at line breaks, then at spaces, then (a run of symbols with neither) at characters. The
+    pieces joined give the step back. Token counts are per unit, so a piece can come out a token
+    or two over as encoded; the scorer leaves room for that."""
+    units = _units(text, max_tokens, count, (r"(?<=\n)", r"(?<= )"))
+    pieces: list[str] = []
+    size = 0
+    for u, n in zip(units, count(units)):
+        if pieces and size + n <= max_tokens:
+            pieces[-1] += u
+            size += n
+        else:
+            pieces.append(u)
+            size = n
+    out: list[str] = []
+    for piece in pieces:  # a piece of whitespace alone goes with the piece before it
+        if out and not piece.strip():
+            out[-1] += piece
+        else:
+            out.append(piece)
+    if len(out) > 1 and not out[0].strip():
+        out[1] = out[0] + out[1]
+        out.pop(0)
+    return out
+
+
+def _units(text: str, max_tokens: int, count: CountTokens, seps: tuple[str, ...]) -> list[str]:
+    """`text` split at the first separator, each part still over max_tokens split at the next;
+    past the last, a part is cut into chunks of characters of about max_tokens / 2 tokens."""
+    if not seps:
+        (n,) = count([text])
+        if n <= max_tokens or len(text) < 2:
+            return [text]
+        width = max(1, len(text) * max_tokens // (2 * n))
+        return [text[i:i + width] for i in range(0, len(text), width)]
+    parts = [p for p in re.split(seps[0], text) if p]
+    out: list[str] = []
+    for part, n in zip(parts, count(parts)):
+        out.extend([part] if n <= max_tokens else _units(part, max_tokens, count, seps[1:]))
+    return out

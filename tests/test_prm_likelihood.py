@@ -104,7 +104,8 @@ def test_scorer_reads_a_saved_likelihood_prm(lm, tmp_path):
     # a context too short for the prompt and one step: that trace says so; the others are windowed
     prompt = len(likelihood.encode(tok, RENDER, ITEMS[0][0], [])[0])
     n = len(likelihood.encode(tok, RENDER, *ITEMS[1])[0])
-    short = PRMScorer(PRMConfig(model=str(tmp_path), family="likelihood", max_length=prompt + 12)).score(ITEMS)
+    short = PRMScorer(PRMConfig(model=str(tmp_path), family="likelihood", max_length=prompt + 12,
+                                cut_long_steps=False)).score(ITEMS)
     assert any(r.status == STEP_EXCEEDS_CONTEXT and r.scores is None for r in short)
     assert any(r.status == OK and r.windows > 1 for r in short) and n > prompt + 12
     with pytest.raises(ValueError, match="backend=vllm"):

@@ -91,11 +91,35 @@ def test_traces_that_cannot_be_scored_say_why(real_scorer):
     items = [(f"A question that contains {tag} itself", ["one step"]), ITEMS[0]]
     mismatch, fine = real_scorer.score(items)
     assert mismatch.status == SEPARATOR_MISMATCH and mismatch.scores is None and fine.status == OK
-    # a step that cannot fit beside the question is the one thing too long to score
-    cfg = PRMConfig(model=real_scorer.cfg.model, family=real_scorer.cfg.family, max_length=120)
+    # with cut_long_steps off, a step that cannot fit beside the question is the one thing too long to score
+    cfg = PRMConfig(model=real_scorer.cfg.model, family=real_scorer.cfg.family, max_length=120, cut_long_steps=False)
     too_long, ok = PRMScorer(cfg).score([("Q?", ["x " * 200]), ("Q?", ["x " * 20] * 12)])
     assert too_long.status == STEP_EXCEEDS_CONTEXT and too_long.scores is None and too_long.num_tokens > 120
     assert ok.status == OK and len(ok.scores) == 12 and ok.windows > 1
+
+
+def test_a_step_longer_than_the_context_is_read_in_pieces(real_scorer):
+    """By default such a step is cut (at line breaks, then spaces) into pieces that fit; its
+    score is its last piece's, read after the pieces before it, exactly as if the pieces were
+    steps; the steps around it keep theirs."""
+    from prm.steps import cut_step
+
+    c = real_scorer.cfg
+    cfg = PRMConfig(model=c.model, family=c.family, max_length=120)
+    scorer = PRMScorer(cfg)
+    long_step = "\n".join(f"line {k}: " + "x " * 9 for k in range(12)) + " y" * 80
+    steps = ["first step", long_step, "last step"]
+    (res,) = scorer.score([("Q?", steps)])
+    assert res.status == OK and len(res.scores) == 3 and res.cut_steps == 1 and res.windows > 1
+    assert res.num_tokens > 120 and res.tokens_read >= res.num_tokens
+    count = lambda ts: [len(t) for t in scorer.tokenizer(ts, add_special_tokens=False)["input_ids"]]  # noqa: E731
+    enc = scorer._encode_many([("Q?", steps)])[0]
+    room = 120 - (len(enc[0]) - sum(b - a for a, b in enc[1]))
+    pieces = cut_step(long_step, (room - 4) // 2, count)
+    assert "".join(pieces) == long_step and len(pieces) > 2
+    (as_steps,) = scorer.score([("Q?", ["first step", *pieces, "last step"])])
+    assert as_steps.status == OK and as_steps.cut_steps == 0
+    assert res.scores == pytest.approx([as_steps.scores[0], as_steps.scores[len(pieces)], as_steps.scores[-1]], abs=1e-5)
 
 
 def test_max_length_over_the_prms_context_is_an_error(real_scorer):

@@ -58,11 +58,18 @@ def test_score_table_marks_and_never_drops(prm_dir):
     assert d["prm_status"] == "ok" and d["prm_num_steps"] == d["prm_num_unmerged_steps"] == 300
     assert len(d["prm_step_scores"]) == 300 and d["prm_windows"] > 1 and d["prm_min_context_tokens"] > 0
     assert d["prm_num_tokens"] > 512 and d["prm_tokens_read"] <= 1.5 * d["prm_num_tokens"] + 2 * d["prm_windows"]
-    assert e["prm_status"] == "step_exceeds_context" and e["prm_step_scores"] is None and e["prm_num_tokens"] > 512
+    # a step longer than the context is read in pieces, and scored at its last
+    assert e["prm_status"] == "ok" and e["prm_num_steps"] == 2 and len(e["prm_step_scores"]) == 2
+    assert e["prm_cut_steps"] == 1 and e["prm_num_tokens"] > 512 and e["prm_windows"] > 1
+    assert a["prm_cut_steps"] == d["prm_cut_steps"] == 0 and c["prm_cut_steps"] is None
     assert all(r["prm_pass"] for r in rows)  # no threshold: nothing fails
-    assert stats["prm_status"] == {"ok": 3, "no_reasoning": 1, "step_exceeds_context": 1}
-    assert stats["prm_tokens"] == {"traces": sum(r["prm_num_tokens"] for r in (a, b, d)),
-                                   "read": sum(r["prm_tokens_read"] for r in (a, b, d)), "windowed": 1}
+    assert stats["prm_status"] == {"ok": 4, "no_reasoning": 1}
+    assert stats["prm_tokens"] == {"traces": sum(r["prm_num_tokens"] for r in (a, b, d, e)),
+                                   "read": sum(r["prm_tokens_read"] for r in (a, b, d, e)), "windowed": 2}
+    # without the cut, that trace is the one left unscored, and says why
+    off = PRMConfig(model=str(prm_dir), cut_long_steps=False)
+    e_off = score_table(graded, ScoreConfig(prm=off), PRMScorer(off))[0].to_pylist()[4]
+    assert e_off["prm_status"] == "step_exceeds_context" and e_off["prm_step_scores"] is None
     # with a threshold between a's and b's means, and unscored traces not kept
     th = (a["prm_mean"] + b["prm_mean"]) / 2
     out2, stats2 = score_table(graded, ScoreConfig(prm=cfg.prm, split=cfg.split, threshold=th), scorer)
