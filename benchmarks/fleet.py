@@ -2,6 +2,7 @@
 
     python benchmarks/fleet.py                         # utilization, traces/s, driver CPU per trace
     python benchmarks/fleet.py --ray                   # + Ray Data LLM's HTTP processor on the same server
+                                                       #   (--ray-settings: its defaults, and the best setting found)
     python benchmarks/fleet.py --memory --problems 800 # peak RSS of the whole run at N and 10N problems
     python benchmarks/fleet.py --executor ray --replicas 8 --slots 32 [--baseline]
                                                        # executor=ray over 8 simulated replicas of 32 slots
@@ -237,8 +238,9 @@ def start_serve(args) -> tuple[int, object]:
     return port, handle
 
 
-def ray_side(args, port: int, n: int) -> dict:
-    """Ray Data LLM's HTTP request processor against the same server: K rows of n=1 per problem."""
+def ray_side(args, port: int, n: int, actors: int, batch: int) -> dict:
+    """Ray Data LLM's HTTP request processor against the same server: K rows of n=1 per problem,
+    `actors` HTTP actors (its `concurrency`) and `batch` rows per batch."""
     import ray
     from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
@@ -254,8 +256,8 @@ def ray_side(args, port: int, n: int) -> dict:
     # (ray/llm/_internal/batch/stages/http_request_stage.py), so actors x batches in flight per
     # actor is what keeps the server's slots fed; a small CPU share each lets them all fit here
     config = HttpRequestProcessorConfig(url=f"http://127.0.0.1:{port}/v1/completions", qps=None,
-                                        batch_size=args.ray_batch, concurrency=args.ray_actors,
-                                        http_request_stage={"num_cpus": min(0.1, 1.5 / args.ray_actors)})
+                                        batch_size=batch, concurrency=actors,
+                                        http_request_stage={"num_cpus": min(0.1, 1.5 / actors)})
     proc = build_processor(
         config,
         preprocess=lambda r: {"payload": {"model": "sim", "prompt": r["prompt"], "max_tokens": args.max_tokens,
@@ -311,8 +313,10 @@ def main() -> None:
     ap.add_argument("--shard", type=int, default=256, help="ingest.problems_per_shard")
     ap.add_argument("--concurrency", type=int, default=None, help="engine.server.max_concurrency (default: the project's)")
     ap.add_argument("--ray", action="store_true", help="also run Ray Data LLM's HTTP processor")
-    ap.add_argument("--ray-batch", type=int, default=64, help="Ray Data LLM's batch_size (its default)")
-    ap.add_argument("--ray-actors", type=int, default=16, help="Ray Data LLM's concurrency (HTTP actors)")
+    ap.add_argument("--ray-settings", default="1x64@8,64x8@512",
+                    help="--ray: Ray Data LLM runs, each ACTORSxBATCH@PROBLEMS (its concurrency, batch_size, and "
+                         "the problems sent); the default: its defaults (1 actor, batches of 64) on 8 problems, "
+                         "and the best found here (64 actors, batches of 8) on 512")
     ap.add_argument("--memory", action="store_true", help="peak RSS at N and 10N problems")
     args = ap.parse_args()
     total = args.slots * (args.replicas if args.executor != "local" else 1)
@@ -358,13 +362,19 @@ def main() -> None:
                                "window_seconds": figures["window_seconds"], "wall_seconds": figures["wall_seconds"]}
             out["products_identical"] = same
         if args.ray:
-            r = ray_side(args, port, args.problems)
-            sim = r["sim"]
-            print(f"ray.data.llm {args.problems:>3} problems x {args.k}: utilization {sim['utilization']:.3f} "
-                  f"(window {sim['window_seconds']:.1f} s), {r['traces'] / max(sim['window_seconds'], 1e-9):.1f} traces/s "
-                  f"(wall {r['wall']:.1f} s, batch_size {args.ray_batch}, {args.ray_actors} actors)")
-            out["ray_data_llm"] = {"utilization": round(sim["utilization"], 4), "window_seconds": round(sim["window_seconds"], 2),
-                                   "batch_size": args.ray_batch, "actors": args.ray_actors}
+            out["ray_data_llm"] = []
+            for setting in args.ray_settings.split(","):
+                shape, n = setting.split("@")
+                actors, batch = map(int, shape.split("x"))
+                r = ray_side(args, port, int(n), actors, batch)
+                sim = r["sim"]
+                print(f"ray.data.llm {int(n):>4} problems x {args.k}: utilization {sim['utilization']:.3f} "
+                      f"(window {sim['window_seconds']:.1f} s), {r['traces'] / max(sim['window_seconds'], 1e-9):.1f} "
+                      f"traces/s (wall {r['wall']:.1f} s, batch_size {batch}, {actors} actors)", flush=True)
+                out["ray_data_llm"].append({"problems": int(n), "utilization": round(sim["utilization"], 4),
+                                            "window_seconds": round(sim["window_seconds"], 2), "wall_seconds": round(r["wall"], 1),
+                                            "traces_per_s": round(r["traces"] / max(sim["window_seconds"], 1e-9), 2),
+                                            "batch_size": batch, "actors": actors})
     finally:
         if server is not None:
             server.terminate()

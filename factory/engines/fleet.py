@@ -10,8 +10,10 @@ vLLM in the actor's process, or the simulated teacher) and running that engine's
 local executor's engine does. The stream's source is the replica's inbox: the engine takes
 the next request the moment it has room, across any shard boundary.
 
-The driver keeps every inbox short: `prefetch` requests, or about half a second of what that
-replica's engine takes, whichever is more. A replica's replies (a
+The driver sends each replica what its engine's window can take at once (a replica holds at
+least its window: an idle replica starts full, not a few requests per reply), and beyond that
+keeps its inbox short: `prefetch` requests, or about half a second of what that replica's
+engine takes, whichever is more. A replica's replies (a
 long-poll, `Replica.poll`) carry the requests its engine took and the requests it finished;
 each reply is the replica asking for as much work as it took, so a fast replica gets more and
 none sits on a queue while another idles at the end of the run (work a replica has taken
@@ -245,8 +247,8 @@ class EngineFleet:
             while True:
                 batches = collections.defaultdict(list)
                 while True:
-                    room = [j for j in range(len(self.replicas))
-                            if self.up[j] and self.ready[j] and len(queued[j]) < self.depth(j)]
+                    room = [j for j in range(len(self.replicas)) if self.up[j] and self.ready[j]
+                            and (len(queued[j]) < self.depth(j) or len(held[j]) < (self.windows[j] or 0))]
                     if not room:
                         break
                     if resend:
