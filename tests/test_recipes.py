@@ -97,7 +97,9 @@ def test_r1_distill_dry_run_checks_the_prms_context(tmp_path, capsys):
     path = RECIPES[[p.name for p in RECIPES].index("r1_distill.yaml")]
     report = dry_run(load_recipe(path))
     prm = report["prm_context"]
-    assert report["stages"] == ["ingest", "rollout", "grade", "score", "curate"]
+    assert report["stages"] == ["ingest", "rollout", "grade", "topup", "score", "curate"]
+    with pytest.raises(ValueError, match="topup"):  # the top-up's settings are checked too
+        dry_run(load_recipe(path, ["topup.max_pass_rate=0.0"]))
     assert prm["checked"] and prm["context"] == 4096 and prm["max_length"] <= 4096
     assert cli.main(["run", str(path), "--dry-run"]) == 0
     with pytest.raises(ValueError, match=r"score\.prm\.max_length=32768, but Qwen/Qwen2\.5-Math-PRM-7B reads at most "

@@ -694,9 +694,13 @@ def dry_run(recipe: Recipe) -> dict:
 
     r = recipe
     optional = [n for n in ("rewrite", "dedup", "decontam") if getattr(r, n) is not None]
-    report: dict = {"stages": ["ingest", *optional, "rollout", "grade", *(["judge"] if r.judge else []),
-                               *(["score"] if r.score else []), "curate"]}
+    report: dict = {"stages": ["ingest", *optional, "rollout", "grade", *(["topup"] if r.topup else []),
+                               *(["judge"] if r.judge else []), *(["score"] if r.score else []), "curate"]}
     check_budget(r.rollout)
+    if r.topup is not None:
+        from factory.stages.topup import check as check_topup
+
+        check_topup(r.topup, r.rollout)
     if r.rewrite is not None:
         check_rewrite(r.rewrite)
     if r.judge is not None:
