@@ -83,7 +83,7 @@ def test_card_token_statistics_match_a_recomputation(full_run):
 def test_cost_estimate_from_the_recipe_price(full_run):
     _, manifest = full_run
     from factory.engines.base import PriceConfig
-    from factory.run.pipeline import token_totals
+    from factory.run.products import token_totals
 
     t = token_totals(manifest["stages"], PriceConfig(prompt_per_million=1.0, completion_per_million=4.0))
     assert t["cost"] == pytest.approx(t["prompt"] / 1e6 + 4 * t["completion"] / 1e6, abs=1e-4)

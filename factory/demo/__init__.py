@@ -24,7 +24,7 @@ from factory.demo import arith
 from factory.engines import make_engine
 from factory import config as config_mod, console, schema, store
 from factory.training import evaluate
-from factory.run import pipeline
+from factory.run import pipeline, products
 from factory.run.report import svg_bars
 from factory.training import train as train_mod
 from prm.evaluate import predicted_first_error, processbench
@@ -90,7 +90,7 @@ def unfiltered_run(run: Path, out: Path) -> Path:
                      "prompt": prompt_messages(t["question"], rcfg),
                      "completion": [{"role": "assistant", "content": t["text"]}]})
     rows.sort(key=lambda r: (r["difficulty"], r["problem_id"], r["trace_id"]))
-    return pipeline.write_curriculum_run(out, rows)
+    return products.write_curriculum_run(out, rows)
 
 
 def prm_vs_ground_truth(run: Path, cfg: DemoConfig, split: SplitConfig) -> dict:

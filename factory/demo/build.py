@@ -31,7 +31,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from factory.demo import arith
-from factory.run import pipeline
+from factory.run import pipeline, products
 from factory import store, tiny
 from factory.training import train as train_mod
 
@@ -49,7 +49,7 @@ def gold_run(out: Path, problems: list[dict]) -> Path:
                      "domain": p["domain"], "level": p["level"], "answer": p["answer"], "num_tokens": 0,
                      "num_traces": 1, "num_correct": 1, "pass_rate": 1.0, "difficulty": p["level"] / 6,
                      "difficulty_bucket": p["level"]})
-    return pipeline.write_curriculum_run(out, rows)
+    return products.write_curriculum_run(out, rows)
 
 
 def fresh_model(out: Path, corpus: list[str], seed: int) -> Path:

@@ -386,7 +386,7 @@ def train(recipe: GRPORecipe, dry_run: bool = False, log: Callable[[str], None] 
     import datasets
     from trl import GRPOTrainer
 
-    from factory.run.pipeline import package_versions
+    from factory.run.products import package_versions
 
     out = Path(recipe.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)

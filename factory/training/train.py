@@ -443,7 +443,7 @@ def train(kind: str, recipe: SFTRecipe | DPORecipe, dry_run: bool = False, log: 
     if dry_run:
         p.report["trl_args"] = {k: str(v) for k, v in p.args.to_dict().items()}
         return p.report
-    from factory.run.pipeline import package_versions
+    from factory.run.products import package_versions
 
     out = Path(recipe.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
