@@ -17,6 +17,10 @@ with those forced lengths, and per round:
 - engine stream: each replica's share through its engine's own `stream` inside the actor (fed
                from a list, no inbox, no driver), which separates the engine's stream from the fleet.
 
+With `--pin`, replica j runs on a core of its own (the last `--replicas` cores) and the driver
+with Ray's own processes on the others: this separates what the fleet costs a replica from what
+sharing its core with the driver costs it (`--replicas` must then be fewer than the cores).
+
 Prints each replica's tokens/s on both sides (fleet: its tokens over the time from the first
 request it took to the last it finished) and their ratio, then a JSON line. With `--ray-data`,
 the same requests also go through Ray Data LLM's vLLM engine processor (`--replicas` engines of
@@ -90,6 +94,17 @@ def stream_share(requests: list[tuple[list[int], Sampling]], engine) -> dict:
     return {"tokens": tokens, "seconds": time.perf_counter() - t0}
 
 
+def pin_process(cores: list[int]) -> list[int]:
+    """Every thread of this process onto `cores` (sched_setaffinity acts on one thread; threads
+    started later inherit their creator's)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return sorted(os.sched_getaffinity(0))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model dir (default: build the tiny addition teacher)")
@@ -102,14 +117,20 @@ def main() -> None:
     ap.add_argument("--cap", type=int, default=400)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--prefetch", type=int, default=2, help="EngineFleet prefetch")
+    ap.add_argument("--pin", action="store_true", help="each replica on a core of its own, the driver and Ray on the rest")
     ap.add_argument("--ray-data", action="store_true", help="also Ray Data LLM's vLLM engine processor, end to end")
     ap.add_argument("--ray-data-batch", type=int, default=64, help="its batch_size")
     args = ap.parse_args()
     import ray
     import ray.cloudpickle
 
+    cores = sorted(os.sched_getaffinity(0))
+    if args.pin and args.replicas >= len(cores):
+        ap.error(f"--pin needs more cores ({len(cores)}) than replicas ({args.replicas})")
     tmp = Path(tempfile.mkdtemp(prefix="rollout-ray-"))
     model = args.model or str(tiny.build_addition_teacher(tmp / "teacher"))
+    if args.pin:
+        pin_process(cores[:-args.replicas])  # the driver, and the Ray processes it starts
     config = EngineConfig(model=model, max_model_len=args.cap + 64, cpu_kv_cache_space_gb=1, dtype=args.dtype)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.cloudpickle.register_pickle_by_value(rollout_continuous)  # the actors cannot import benchmarks/
@@ -117,6 +138,10 @@ def main() -> None:
     fleet = EngineFleet(functools.partial(ForcedLengths, config, args.median, args.sigma, args.cap), HFTokenizer(model),
                         args.replicas, {"num_cpus": 1}, prefetch=args.prefetch)
     start = time.perf_counter() - t0
+    if args.pin:
+        pinned = ray.get([r.call.remote(lambda e, c=c: pin_process([c])) for r, c in
+                          zip(fleet.replicas, cores[-args.replicas:])])
+        print(f"replicas pinned to cores {pinned}; the driver and Ray on {sorted(os.sched_getaffinity(0))}")
     rows = [{"problem_id": f"p{i}", "question": p["question"], "answer": p["answer"], "domain": "numeric",
              "choices": None, "source": "bench", "split": "train"}
             for i, p in enumerate(tiny.addition_problems(args.problems, seed=1))]
@@ -188,7 +213,7 @@ def main() -> None:
     for j, r in enumerate(ratios):
         print(f"replica {j}: fleet / all at once over its share = {r:.3f}; the fleet on the prepared requests alone "
               f"(no rollout stage on the driver) {raw_ratios[j]:.3f} (medians of per-round ratios)")
-    result = {"cpu": cpu, "replicas": args.replicas, "problems": args.problems, "shard": args.shard,
+    result = {"cpu": cpu, "replicas": args.replicas, "pinned": args.pin, "problems": args.problems, "shard": args.shard,
               "dtype": args.dtype, "all_at_once_tok_s": base, "fleet_tok_s": fleet_rates,
               "ratio_per_replica": [round(r, 3) for r in ratios], "engine_start_s": round(start, 1),
               "requests_only_tok_s": raw, "requests_only_ratio_per_replica": [round(r, 3) for r in raw_ratios],

@@ -11,7 +11,8 @@ local executor's engine does. The stream's source is the replica's inbox: the en
 the next request the moment it has room, across any shard boundary.
 
 The driver sends each replica what its engine's window can take at once (a replica holds at
-least its window: an idle replica starts full, not a few requests per reply), and beyond that
+least its window, counted in sequences as the engines count it: a request of n samples is n;
+an idle replica starts full, not a few requests per reply), and beyond that
 keeps its inbox short: `prefetch` requests, or about half a second of what that replica's
 engine takes, whichever is more. A replica's replies (a
 long-poll, `Replica.poll`) carry the requests its engine took and the requests it finished;
@@ -66,6 +67,7 @@ class Replica:
         self.done: list[tuple[int, list[Completion]]] = []  # finished since the last poll
         self.error: str | None = None
         self.in_flight = 0  # touched by the engine thread only
+        self.held = 0  # sequences sent here and not yet finished (queued or decoding)
         self.counts = collections.Counter()
         threading.Thread(target=self._run, daemon=True, name="replica-stream").start()
 
@@ -78,6 +80,8 @@ class Replica:
     def submit(self, requests: list[Request]) -> None:
         with self.work:
             self.inbox.extend(requests)
+            self.held += sum(r.sampling.n for r in requests)
+            self.counts["most_held"] = max(self.counts["most_held"], self.held)
             self.hungry.clear()
             self.work.notify()
 
@@ -103,12 +107,14 @@ class Replica:
     def drop(self) -> None:
         """Forget the requests not yet taken (the driver's stream ended early)."""
         with self.work:
+            self.held -= sum(r.sampling.n for r in self.inbox)
             self.inbox.clear()
 
     def stats(self, reset: bool = False) -> dict:
         """Requests, sequences and tokens this replica's engine took and finished (with the times
-        of its first take and last answer), and its engine's own stats where it has them; counted
-        afresh after a reset."""
+        of its first take and last answer), the most sequences it held at once (`most_held`:
+        queued and decoding), and its engine's own stats where it has them; counted afresh after
+        a reset."""
         stats = getattr(self.engine, "stats", None)
         out = {**self.counts, "pid": os.getpid(), **({"engine": stats()} if stats else {})}
         if reset:
@@ -147,6 +153,7 @@ class Replica:
                 self.counts["tokens"] += sum(c.num_tokens for c in completions)
                 self.counts["last_done"] = time.time()
                 with self.news:
+                    self.held -= len(completions)
                     if not self._has_news():
                         self.news.notify()
                     self.done.append((rid, completions))
@@ -241,6 +248,7 @@ class EngineFleet:
         pending: dict[int, tuple[int, Request]] = {}  # id -> (replica, the caller's request)
         queued = [set() for _ in self.replicas]  # ids sent to a replica and not yet taken by its engine
         held = [set() for _ in self.replicas]  # ids sent to a replica and not yet finished
+        seqs = [0] * len(self.replicas)  # their sequences (a request of n samples is n, as the engines count)
         resend: collections.deque = collections.deque()
         last_reply: dict[int, float] = {}
         try:
@@ -248,7 +256,7 @@ class EngineFleet:
                 batches = collections.defaultdict(list)
                 while True:
                     room = [j for j in range(len(self.replicas)) if self.up[j] and self.ready[j]
-                            and (len(queued[j]) < self.depth(j) or len(held[j]) < (self.windows[j] or 0))]
+                            and (len(queued[j]) < self.depth(j) or seqs[j] < (self.windows[j] or 0))]
                     if not room:
                         break
                     if resend:
@@ -268,6 +276,7 @@ class EngineFleet:
                     pending[rid] = (j, r)
                     queued[j].add(rid)
                     held[j].add(rid)
+                    seqs[j] += r.sampling.n
                     batches[j].append(Request(rid, r.prompt, r.sampling))
                 for j, batch in batches.items():
                     self.replicas[j].submit.remote(batch)  # a lost replica shows in its poll
@@ -290,6 +299,7 @@ class EngineFleet:
                         taken, done, error = ray.get(ref)
                     except RayActorError as e:
                         self._lost(j, e, pending, queued, held, resend)
+                        seqs[j] = 0  # held[j] is empty now: what it held is being re-sent
                         continue
                     if error is not None:
                         raise RuntimeError(f"engine fleet: the engine of replica {j} failed:\n{error}")
@@ -306,6 +316,7 @@ class EngineFleet:
                         _, r = pending.pop(rid)
                         held[j].discard(rid)
                         queued[j].discard(rid)
+                        seqs[j] -= r.sampling.n
                         waiting = False
                         yield r.key, completions
         finally:
