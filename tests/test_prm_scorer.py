@@ -246,7 +246,10 @@ def test_batched_windows_equal_one_trace_at_a_time(layout):
         assert t.plan == alone.plan and t.scores == pytest.approx(alone.scores, abs=1e-4)
 
 
-@pytest.mark.parametrize("name", ["token_classification", "qwen_hub", "lm"])
+# each layout starts an engine of its own (~1 min here): the hub layout, the one users pick, runs
+# by default, the other two with `-m slow` (the default suite stays under 20 minutes)
+@pytest.mark.parametrize("name", [pytest.param("token_classification", marks=pytest.mark.slow), "qwen_hub",
+                                  pytest.param("lm", marks=pytest.mark.slow)])
 def test_vllm_pooling_backend_reads_long_traces_as_transformers_does(name, tmp_path):
     """vLLM's token_classify runner, float32, on traces up to 12x its 512-token context: the
     Qwen2ForTokenClassification PRM `prm train` writes, the Qwen2.5-Math-PRM hub layout (vLLM's
