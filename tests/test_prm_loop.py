@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import statistics
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -77,9 +79,22 @@ def test_monte_carlo_labels(loop, full_run):
 
 def test_trained_prm_loads_evaluates_and_calibrates(loop, capsys):
     recipe, _, train_report = loop
-    losses = [h["loss"] for h in train_report["log_history"] if "loss" in h]
-    assert losses[-1] < losses[0]
     scorer = PRMScorer(PRMConfig(model=recipe.prm.model, family="classification", system_prompt=None))
+    # it learned: on its own training steps the PRM's cross-entropy is nearer the best constant
+    # guess (the share of right steps) than a head that knows nothing (ln 2). On the toy it learns
+    # little beyond that share (a trace is one step; measured 0.543 against 0.550 and 0.693), so
+    # neither that nor a logged loss falling from its first value (averages over 10 steps of
+    # batches that differ: noise of a few hundredths, which failed CI once) is asserted.
+    train = [r for r in pq.read_table(prm_cli.labels_path(recipe)).to_pylist()
+             if r["split"] == "train" and r["status"] == "ok"]
+    labels = [y for r in train for y in r["step_hard"]]
+    scores = [s for x in scorer.score([(r["question"], r["steps"]) for r in train]) for s in x.scores]
+    assert len(scores) == len(labels) == sum(train_report["step_labels"].values())
+    xent = lambda p, y: -math.log(p if y else 1 - p)
+    prior = sum(labels) / len(labels)
+    learned = statistics.fmean(xent(min(max(s, 1e-6), 1 - 1e-6), y) for s, y in zip(scores, labels))
+    constant = statistics.fmean(xent(prior, y) for y in labels)
+    assert learned < (constant + math.log(2)) / 2, (learned, constant)
     (res,) = scorer.score([("What is 2 + 3?", ["2 + 3 = 5"])])
     assert res.status == "ok" and len(res.scores) == 1
     overrides = [f"{k}={v}" for k, v in [("prm.model", recipe.prm.model), ("label.output", recipe.label.output)]]
