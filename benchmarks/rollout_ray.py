@@ -21,6 +21,10 @@ With `--pin`, replica j runs on a core of its own (the last `--replicas` cores) 
 with Ray's own processes on the others: this separates what the fleet costs a replica from what
 sharing its core with the driver costs it (`--replicas` must then be fewer than the cores).
 
+Within each replica's process, the CPU seconds of its engine's thread (the busiest) and of the
+rest (Ray's threads, the fleet's poll and submit) and how often the kernel took the core from the
+engine's thread, per mode: every mode decodes the same tokens, so these compare as they are.
+
 Prints each replica's tokens/s on both sides (fleet: its tokens over the time from the first
 request it took to the last it finished) and their ratio, then a JSON line. With `--ray-data`,
 the same requests also go through Ray Data LLM's vLLM engine processor (`--replicas` engines of
@@ -92,6 +96,29 @@ def stream_share(requests: list[tuple[list[int], Sampling]], engine) -> dict:
     for _, outs in engine.stream([Request(i, ids, s) for i, (ids, s) in enumerate(requests)]):
         tokens += sum(c.num_tokens for c in outs)
     return {"tokens": tokens, "seconds": time.perf_counter() - t0}
+
+
+def thread_times(_engine=None) -> dict[int, tuple[float, int]]:
+    """In a replica: CPU seconds and involuntary context switches (times the kernel took the core
+    from it) of each of its process's threads, by thread id."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+            status = open(f"/proc/self/task/{tid}/status").read()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        switches = int(status.split("nonvoluntary_ctxt_switches:")[1].split()[0])
+        out[int(tid)] = ((int(stat[11]) + int(stat[12])) / tick, switches)
+    return out
+
+
+def thread_split(before: dict, after: dict) -> dict:
+    """The busiest thread over a span (the engine's) against the rest of its process."""
+    delta = {t: (after[t][0] - before.get(t, (0.0, 0))[0], after[t][1] - before.get(t, (0.0, 0))[1]) for t in after}
+    top = max(delta, key=lambda t: delta[t][0])
+    return {"engine_thread_s": round(delta[top][0], 2), "other_threads_s": round(sum(d[0] for t, d in delta.items() if t != top), 2),
+            "engine_thread_preempted": delta[top][1]}
 
 
 def pin_process(cores: list[int]) -> list[int]:
@@ -192,9 +219,13 @@ def main() -> None:
         for name, side, got in (("all at once", all_at_once, base), ("fleet", streamed, fleet_rates),
                                 ("requests only", requests_only, raw), ("engine stream", engine_stream, own)):
             c0, t0 = cpu_by_process(), time.perf_counter()
+            th0 = ray.get([r.call.remote(thread_times) for r in fleet.replicas])
             got.append(side())
-            # where the cores went during the round (the replicas are the ray::Replica processes)
-            cpu_use.setdefault(name, []).append({"wall_s": round(time.perf_counter() - t0, 2), **cpu_delta(c0, cpu_by_process())})
+            th1 = ray.get([r.call.remote(thread_times) for r in fleet.replicas])
+            # where the cores went during the round (the replicas are the ray::Replica processes),
+            # and within each replica, its engine's thread against Ray's and the fleet's threads
+            cpu_use.setdefault(name, []).append({"wall_s": round(time.perf_counter() - t0, 2), **cpu_delta(c0, cpu_by_process()),
+                                                 "replica_threads": [thread_split(a, b) for a, b in zip(th0, th1)]})
         print(f"round {k + 1}: " + "   ".join(f"replica {j}: all at once {base[-1][j]:7.0f} tok/s, fleet {fleet_rates[-1][j]:7.0f} "
                                               f"({fleet_rates[-1][j] / base[-1][j]:.3f}x; requests only "
                                               f"{raw[-1][j] / base[-1][j]:.3f}x; its engine's stream alone "
@@ -209,6 +240,15 @@ def main() -> None:
           f"{lengths[len(lengths) // 2]}, p95 {lengths[int(0.95 * len(lengths))]}, max {lengths[-1]} tokens")
     for name, rounds in cpu_use.items():
         print(f"CPU seconds by process, {name}: {rounds[-1]}")
+    for name, rounds in cpu_use.items():  # the same tokens in every mode: these compare as they are
+        med = lambda key, j: statistics.median(r["replica_threads"][j][key] for r in rounds)
+        print(f"replica threads, {name} (medians over rounds): " + "; ".join(
+            f"replica {j}: engine thread {med('engine_thread_s', j):.2f} s, other threads {med('other_threads_s', j):.2f} s, "
+            f"engine thread preempted {med('engine_thread_preempted', j):.0f} times" for j in range(args.replicas)))
+    walls = {name: sum(r["wall_s"] for r in rounds) for name, rounds in cpu_use.items()}
+    print(f"the rounds end to end (both replicas, the driver's work included): all at once {walls['all at once']:.1f} s, "
+          f"fleet {walls['fleet']:.1f} s ({walls['all at once'] / walls['fleet']:.3f}x the throughput), requests only "
+          f"{walls['requests only']:.1f} s ({walls['all at once'] / walls['requests only']:.3f}x)")
     raw_ratios = [statistics.median(f[j] / b[j] for f, b in zip(raw, base)) for j in range(args.replicas)]
     for j, r in enumerate(ratios):
         print(f"replica {j}: fleet / all at once over its share = {r:.3f}; the fleet on the prepared requests alone "
@@ -218,6 +258,7 @@ def main() -> None:
               "ratio_per_replica": [round(r, 3) for r in ratios], "engine_start_s": round(start, 1),
               "requests_only_tok_s": raw, "requests_only_ratio_per_replica": [round(r, 3) for r in raw_ratios],
               "engine_stream_tok_s": own,
+              "wall_ratio": round(walls["all at once"] / walls["fleet"], 3),
               "fleet_round_s": fleet_seconds, "driver_cpu_s": driver_cpu, "prefetch": args.prefetch, "cpu_seconds": cpu_use}
     fleet.close()
     if args.ray_data:

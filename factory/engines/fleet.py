@@ -39,6 +39,7 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
+import math
 import os
 import threading
 import time
@@ -170,6 +171,7 @@ class EngineFleet:
 
     POLL_S = 2.0
     QUEUE_S = 0.5
+    INTAKE_S = 2.0
 
     @classmethod
     def of(cls, config: EngineConfig, run_dir: str, replicas: int, actor_options: dict | None = None,
@@ -199,7 +201,11 @@ class EngineFleet:
         import ray
 
         self.log, self.prefetch = log, max(1, prefetch)
-        self.intake = [0.0] * replicas  # requests per second each replica's engine takes (moving average)
+        # requests per second each replica's engine takes, counted as it finishes them (once its
+        # window is full it takes one as one ends): a rate decayed over INTAKE_S, not a per-reply
+        # average of what it took, which spiked when a replica took a window's worth at once and
+        # then filled that replica's inbox with more than its share (work it held could not move)
+        self.intake = [0.0] * replicas
         self.max_restarts = max_restarts
         actor = ray.remote(max_concurrency=4, max_restarts=max_restarts)(Replica)
         self.replicas = [actor.options(**(actor_options or {})).remote(make, window) for _ in range(replicas)]
@@ -306,9 +312,9 @@ class EngineFleet:
                     self.ready[j] = True
                     queued[j].difference_update(taken)
                     now = time.monotonic()
-                    if taken and j in last_reply:
-                        rate = len(taken) / max(now - last_reply[j], 1e-3)
-                        self.intake[j] = 0.8 * self.intake[j] + 0.2 * rate
+                    if j in last_reply:  # requests it finished per second, decayed over INTAKE_S
+                        self.intake[j] = (self.intake[j] * math.exp(-(now - last_reply[j]) / self.INTAKE_S)
+                                          + len(done) / self.INTAKE_S)
                     last_reply[j] = now
                     for rid, completions in done:
                         if pending.get(rid, (None,))[0] != j:
