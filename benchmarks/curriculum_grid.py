@@ -29,6 +29,7 @@ from factory import config as config_mod
 from factory.demo import data_key, load_recipe, model_key, reuse
 from factory.engines import make_engine
 from factory.run import pipeline
+from factory.run.recipe import Recipe
 from factory.stages.topup import TopupConfig
 from factory.training import evaluate, train as train_mod
 
@@ -56,7 +57,7 @@ def topup_run(recipe, demo_run: Path, out: Path, log) -> tuple[Path, object]:
     for stage in ("ingest", "rollout", "grade"):
         if not (out / "stages" / stage).exists():
             shutil.copytree(demo_run / "stages" / stage, out / "stages" / stage)
-    p = config_mod.from_dict(pipeline.Recipe, config_mod.to_dict(recipe.pipeline))
+    p = config_mod.from_dict(Recipe, config_mod.to_dict(recipe.pipeline))
     p.run.output_dir, p.run.progress = str(out), False
     p.topup = TOPUP
     p.curate.max_traces_topped_up = TOPUP_MAX_TRACES

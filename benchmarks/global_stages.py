@@ -31,9 +31,10 @@ CHILD = r"""
 import resource, sys, time, json
 sys.path.insert(0, sys.argv[1])
 from factory.run import pipeline
+from factory.run.recipe import Recipe
 from factory import config as config_mod
 def main():
-    recipe = config_mod.from_dict(pipeline.Recipe, json.loads(open(sys.argv[2]).read()))
+    recipe = config_mod.from_dict(Recipe, json.loads(open(sys.argv[2]).read()))
     r = pipeline.Runner(recipe, log=lambda m: None)
     peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # MB so far
     t0, stages = time.perf_counter(), {"imports": peak()}

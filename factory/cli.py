@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.cmd == "run":
-            from factory.run.pipeline import EXIT_FAILED_REQUESTS, dry_run, load_recipe, run
+            from factory.run.pipeline import run
+            from factory.run.recipe import EXIT_FAILED_REQUESTS, dry_run, load_recipe
 
             recipe = load_recipe(args.recipe, args.overrides)
             if args.dry_run:

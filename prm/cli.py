@@ -19,7 +19,7 @@ from factory import config as config_mod
 from factory import store
 from factory.engines import EngineConfig
 from factory.stages.grade import GradeConfig
-from factory.run.pipeline import RunConfig
+from factory.run.recipe import RunConfig
 from factory.stages.rollout import RolloutConfig
 from prm.evaluate import CalibrateConfig, PRMEvalConfig, calibrate, evaluate_prm
 from prm.label import LabelConfig, label_traces

@@ -18,7 +18,9 @@ import pytest
 
 import yaml
 
+from factory import config as config_mod
 from factory.run import pipeline
+from factory.run.recipe import Recipe
 from factory import tiny
 from factory.engines import EngineConfig
 
@@ -69,8 +71,8 @@ def toy_recipe(out: Path, model: str, problems: Path, **sections) -> dict:
     return data
 
 
-def load(data: dict) -> pipeline.Recipe:
-    return pipeline.config_mod.from_dict(pipeline.Recipe, data)
+def load(data: dict) -> Recipe:
+    return config_mod.from_dict(Recipe, data)
 
 
 @pytest.fixture(scope="session")

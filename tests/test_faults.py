@@ -24,6 +24,8 @@ import yaml
 from factory.engines import EngineConfig, Request, Sampling, ServerConfig, make_engine
 from factory.engines.simserver import Faults
 from factory.run import pipeline
+from factory.run.recipe import EXIT_FAILED_REQUESTS
+from factory.stages.rollout import RolloutConfig
 
 from conftest import load, simulated_teacher
 from test_continuous import TOKENIZER, products, recipe_data
@@ -92,7 +94,7 @@ def test_every_fault_on_the_first_two_tries_loses_nothing(sim, problems, clean, 
     half, an HTML page, no choices, choices without text, no usage), at default retry settings:
     nothing is lost and the products are the fault-free run's; the manifest counts the retries."""
     set_faults(sim, classes=EVERY_FAULT, first_tries=2)
-    assert pipeline.RolloutConfig().retry_failed and ServerConfig().max_retries == 5  # the defaults
+    assert RolloutConfig().retry_failed and ServerConfig().max_retries == 5  # the defaults
     manifest = pipeline.run(load(recipe(tmp_path / "run", sim, problems)))
     got = products(tmp_path / "run")
     for name in clean:
@@ -139,7 +141,7 @@ def test_permanent_failures_are_loud_and_a_rerun_recovers_them_through_kills(sim
     _, err = proc.communicate(timeout=600)
     manifest = json.loads((out / "manifest.json").read_text())
     failed = manifest["failed_requests"]
-    assert proc.returncode == pipeline.EXIT_FAILED_REQUESTS, err
+    assert proc.returncode == EXIT_FAILED_REQUESTS, err
     assert 0 < failed["total"] < 512 * 0.15 and failed["by_stage"] == {"rollout": failed["total"]}
     assert failed["by_cause"] == {"http_500": failed["total"]}
     assert manifest["stages"]["rollout"]["dropped"]["request_failed"] == failed["total"]

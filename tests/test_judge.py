@@ -72,7 +72,8 @@ def test_judge_stage_end_to_end(tmp_path, sim):  # noqa: F811
     from factory import cli
     from factory.engines.base import EngineConfig
     from factory.engines.inprocess import VLLMEngine
-    from factory.run.pipeline import load_recipe, run as run_recipe
+    from factory.run.pipeline import run as run_recipe
+    from factory.run.recipe import load_recipe
 
     # without a judge: every right answer is a string mismatch, nothing reaches the curriculum
     assert cli.main(["run", str(recipe), f"run.output_dir={tmp_path / 'plain'}"]) == 0

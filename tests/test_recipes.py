@@ -13,7 +13,7 @@ from factory.training import evaluate, grpo, rounds, train
 from factory.demo import DemoRecipe
 from prm.cli import PRMRecipe
 from factory.config import ConfigError
-from factory.run.pipeline import Recipe, load_recipe
+from factory.run.recipe import Recipe, load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 PIPELINE = RECIPES[[p.name for p in RECIPES].index("toy_addition.yaml")]
@@ -92,7 +92,7 @@ def test_r1_distill_dry_run_checks_the_prms_context(tmp_path, capsys):
     """Qwen2.5-Math-PRM-7B is not on this machine: the dry run checks score.prm.max_length
     against its published context (4096) and says where the figure came from."""
     from factory import cli
-    from factory.run.pipeline import dry_run
+    from factory.run.recipe import dry_run
 
     path = RECIPES[[p.name for p in RECIPES].index("r1_distill.yaml")]
     report = dry_run(load_recipe(path))
@@ -111,7 +111,7 @@ def test_r1_distill_dry_run_checks_the_prms_context(tmp_path, capsys):
 
 def test_dry_run_reads_a_local_prms_context_and_says_when_it_cannot(tmp_path, capsys):
     from factory import cli
-    from factory.run.pipeline import dry_run
+    from factory.run.recipe import dry_run
     from prm import tiny
 
     tiny.qwen_prm(tmp_path / "prm", max_positions=1024)

@@ -25,6 +25,7 @@ from factory.engines import make_engine
 from factory import config as config_mod, console, schema, store
 from factory.training import evaluate
 from factory.run import pipeline, products
+from factory.run.recipe import Recipe
 from factory.run.report import svg_bars
 from factory.training import train as train_mod
 from prm.evaluate import predicted_first_error, processbench
@@ -45,7 +46,7 @@ class DemoConfig:
 
 @dataclass
 class DemoRecipe:
-    pipeline: pipeline.Recipe = field(default_factory=pipeline.Recipe)
+    pipeline: Recipe = field(default_factory=Recipe)
     sft: train_mod.SFTRecipe = field(default_factory=train_mod.SFTRecipe)
     dpo: train_mod.DPORecipe = field(default_factory=train_mod.DPORecipe)
     eval: evaluate.EvalRecipe = field(default_factory=evaluate.EvalRecipe)

@@ -31,7 +31,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from factory.demo import arith
+from factory import config as config_mod
 from factory.run import pipeline, products
+from factory.run.recipe import Recipe
 from factory import store, tiny
 from factory.training import train as train_mod
 
@@ -78,7 +80,7 @@ def pipeline_run(out: Path, problems: list[dict], engine, n_traces: int = 8):
     src = out.with_suffix(".jsonl")
     src.parent.mkdir(parents=True, exist_ok=True)
     src.write_text("".join(json.dumps(p) + "\n" for p in problems))
-    recipe = pipeline.config_mod.from_dict(pipeline.Recipe, {
+    recipe = config_mod.from_dict(Recipe, {
         "run": {"output_dir": str(out), "progress": False},
         "engine": {"model": engine.model_name, "max_model_len": 512},
         "ingest": {"paths": [str(src)], "problems_per_shard": 500},

@@ -13,13 +13,13 @@ every pending shard through one engine (`factory.run.continuous`: per-problem du
 no idle teacher at shard ends); executor=ray does the same over engine replica actors and maps
 grade and score shards over actors (`factory.run.ray_executor`). curate maps over the graded shards (a problem's traces are all
 in one), then merges their sorted outputs into the products. The optional stages (rewrite,
-dedup, decontam, topup, judge, score) run when the recipe has their section.
+dedup, decontam, topup, judge, score) run when the recipe has their section; the recipe's
+dataclasses and `dry_run` are in `factory.run.recipe`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -28,67 +28,21 @@ import pyarrow.parquet as pq
 from factory import config as config_mod, console
 from factory.stages import grade
 from factory import schema, store
-from factory.stages.curate import CurateConfig, curate_table
-from factory.stages.decontam import BenchmarkIndex, DecontamConfig, decontam_rows
-from factory.stages.dedup import DedupConfig, dedup_rows
+from factory.stages.curate import curate_table
+from factory.stages.decontam import BenchmarkIndex, decontam_rows
+from factory.stages.dedup import dedup_rows
 from factory.engines import Engine, EngineConfig
-from factory.stages.grade import GradeConfig
-from factory.stages.ingest import IngestConfig, ingest_rows
+from factory.stages.ingest import ingest_rows
 from factory.run.card import write_card
 from factory.run.products import build_manifest, failed_requests, link_rejected, merge_products, shard_counts
 from factory.run.progress import Progress
 from factory.run.report import summary
-from factory.run.ray_executor import RayConfig
-from factory.stages.judge import JudgeConfig, judge_table
-from factory.stages.rewrite import RewriteConfig, rewrite_table
-from factory.stages.rollout import RolloutConfig, prompt_messages, rollout_table
-from factory.stages.topup import TopupConfig, topup_table
-from prm.score import ScoreConfig
+from factory.run.recipe import Recipe
+from factory.stages.judge import judge_table
+from factory.stages.rewrite import rewrite_table
+from factory.stages.rollout import prompt_messages, rollout_table
+from factory.stages.topup import topup_table
 
-
-@dataclass
-class RunConfig:
-    output_dir: str = "runs/default"
-    """Where the run's stages and products are written; re-running resumes there."""
-    progress: bool = True
-    """Show a live line per stage on the terminal (RUN/progress.json is written either way)."""
-    allow_failures: bool = False
-    """`factory run` exits 0 even when requests failed for good after their retries. false: it
-    exits with status 3 (EXIT_FAILED_REQUESTS), so a batch scheduler sees an incomplete run."""
-
-
-@dataclass
-class Recipe:
-    run: RunConfig = field(default_factory=RunConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    ingest: IngestConfig = field(default_factory=IngestConfig)
-    rewrite: RewriteConfig | None = None
-    """Paraphrases / variants checked by the teacher; absent: no rewrite stage."""
-    dedup: DedupConfig | None = None
-    """Exact and MinHash near-duplicate removal; absent: only ingest's exact merge."""
-    decontam: DecontamConfig | None = None
-    """N-gram overlap removal against benchmark questions; absent: no check."""
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    grade: GradeConfig = field(default_factory=GradeConfig)
-    topup: TopupConfig | None = None
-    """More samples, in waves, for problems whose first-K pass rate is low but not zero (after
-    grade); absent: K traces per problem."""
-    judge: JudgeConfig | None = None
-    """An LLM judge for traces the grader could not settle (after grade); absent: no judge stage."""
-    score: ScoreConfig | None = None
-    """PRM scoring between grade and curate; absent: no score stage."""
-    curate: CurateConfig = field(default_factory=CurateConfig)
-    executor: str = "local"
-    """local: map stages run shard by shard in this process | ray: on a Ray cluster (section `ray`)."""
-    ray: RayConfig = field(default_factory=RayConfig)
-    """Cluster address and actor counts for executor: ray."""
-
-
-def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
-    return config_mod.load(Recipe, path, overrides)
-
-
-EXIT_FAILED_REQUESTS = 3  # `factory run`'s status when requests failed for good (run.allow_failures: false)
 
 def _input_signature(paths: list[str]) -> list:
     sig = []
@@ -529,35 +483,6 @@ NOT_FINGERPRINTED = {"retry_failed"}
 def products_config(cfg) -> dict:
     """A stage config as its fingerprint sees it."""
     return {k: v for k, v in config_mod.to_dict(cfg).items() if k not in NOT_FINGERPRINTED}
-
-
-def dry_run(recipe: Recipe) -> dict:
-    """`factory run RECIPE --dry-run`: the checks a run makes before its stages, and the PRM's
-    context against score.prm.max_length (prm.context: from the model's files, or its published
-    figure where it is not on this machine, or reported unchecked), with no model loaded and
-    nothing written. Returns what was checked."""
-    from factory.stages.judge import check as check_judge
-    from factory.stages.rewrite import check_config as check_rewrite
-    from factory.stages.rollout import check_budget
-    from prm.score import check as check_score, check_context
-
-    r = recipe
-    optional = [n for n in ("rewrite", "dedup", "decontam") if getattr(r, n) is not None]
-    report: dict = {"stages": ["ingest", *optional, "rollout", "grade", *(["topup"] if r.topup else []),
-                               *(["judge"] if r.judge else []), *(["score"] if r.score else []), "curate"]}
-    check_budget(r.rollout)
-    if r.topup is not None:
-        from factory.stages.topup import check as check_topup
-
-        check_topup(r.topup, r.rollout)
-    if r.rewrite is not None:
-        check_rewrite(r.rewrite)
-    if r.judge is not None:
-        check_judge(r.judge)
-    if r.score is not None:
-        check_score(r.score)
-        report["prm_context"] = check_context(r.score)
-    return report
 
 
 def run(recipe: Recipe, engine: Engine | None = None, log: Callable[[str], None] = console.say, scorer=None,

@@ -32,7 +32,8 @@ from factory import answers, console, store
 from factory.engines import Engine, EngineConfig
 from factory.stages.grade import GradeConfig
 from factory.stages.ingest import IngestConfig
-from factory.run.pipeline import RunConfig, Runner
+from factory.run.pipeline import Runner
+from factory.run.recipe import RunConfig
 from factory.run.products import package_versions
 from factory.stages.rollout import RolloutConfig
 

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from factory import config as config_mod, console, store
 from factory.engines import Engine, make_engine
 from factory.run import pipeline
+from factory.run.recipe import Recipe
 from factory.run.report import svg_bars, svg_lines
 from factory.training import evaluate, grpo as grpo_mod, train as train_mod
 
@@ -73,7 +74,7 @@ class RoundsConfig:
 
 @dataclass
 class RoundsRecipe:
-    pipeline: pipeline.Recipe = field(default_factory=pipeline.Recipe)
+    pipeline: Recipe = field(default_factory=Recipe)
     """The run of each round (engine.model: round 1's teacher; run.output_dir is set per round)."""
     sft: train_mod.SFTRecipe = field(default_factory=train_mod.SFTRecipe)
     dpo: train_mod.DPORecipe = field(default_factory=train_mod.DPORecipe)
@@ -248,7 +249,7 @@ def run_loop(recipe: RoundsRecipe, engine: Engine | None = None, log: Callable[[
                 continue
             t0 = time.perf_counter()
             log(f"round {r}: teacher {teacher}, student from {student}")
-            p = config_mod.from_dict(pipeline.Recipe, config_mod.to_dict(recipe.pipeline))
+            p = config_mod.from_dict(Recipe, config_mod.to_dict(recipe.pipeline))
             p.run.output_dir, p.engine.model = str(rdir / "run"), teacher
             if r > 1 and cfg.next_problems == "unsolved":
                 prev = out / f"round-{r - 1}" / "run"
