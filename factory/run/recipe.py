@@ -18,11 +18,11 @@ from factory.stages.decontam import DecontamConfig
 from factory.stages.dedup import DedupConfig
 from factory.stages.grade import GradeConfig
 from factory.stages.ingest import IngestConfig
-from factory.stages.judge import JudgeConfig
-from factory.stages.rewrite import RewriteConfig
-from factory.stages.rollout import RolloutConfig
-from factory.stages.topup import TopupConfig
-from prm.score import ScoreConfig
+from factory.stages.judge import JudgeConfig, check as check_judge
+from factory.stages.rewrite import RewriteConfig, check_config as check_rewrite
+from factory.stages.rollout import RolloutConfig, check_budget
+from factory.stages.topup import TopupConfig, check as check_topup
+from prm.score import ScoreConfig, check as check_score, check_context
 
 
 @dataclass
@@ -75,19 +75,12 @@ def dry_run(recipe: Recipe) -> dict:
     context against score.prm.max_length (prm.context: from the model's files, or its published
     figure where it is not on this machine, or reported unchecked), with no model loaded and
     nothing written. Returns what was checked."""
-    from factory.stages.judge import check as check_judge
-    from factory.stages.rewrite import check_config as check_rewrite
-    from factory.stages.rollout import check_budget
-    from prm.score import check as check_score, check_context
-
     r = recipe
     optional = [n for n in ("rewrite", "dedup", "decontam") if getattr(r, n) is not None]
     report: dict = {"stages": ["ingest", *optional, "rollout", "grade", *(["topup"] if r.topup else []),
                                *(["judge"] if r.judge else []), *(["score"] if r.score else []), "curate"]}
     check_budget(r.rollout)
     if r.topup is not None:
-        from factory.stages.topup import check as check_topup
-
         check_topup(r.topup, r.rollout)
     if r.rewrite is not None:
         check_rewrite(r.rewrite)
