@@ -144,6 +144,8 @@ def main() -> None:
     ap.add_argument("--cap", type=int, default=400)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--prefetch", type=int, default=2, help="EngineFleet prefetch")
+    ap.add_argument("--linger", type=float, default=0.05, help="EngineFleet linger_s")
+    ap.add_argument("--queue", type=float, default=0.5, help="EngineFleet queue_s")
     ap.add_argument("--pin", action="store_true", help="each replica on a core of its own, the driver and Ray on the rest")
     ap.add_argument("--ray-data", action="store_true", help="also Ray Data LLM's vLLM engine processor, end to end")
     ap.add_argument("--ray-data-batch", type=int, default=64, help="its batch_size")
@@ -163,7 +165,7 @@ def main() -> None:
     ray.cloudpickle.register_pickle_by_value(rollout_continuous)  # the actors cannot import benchmarks/
     t0 = time.perf_counter()
     fleet = EngineFleet(functools.partial(ForcedLengths, config, args.median, args.sigma, args.cap), HFTokenizer(model),
-                        args.replicas, {"num_cpus": 1}, prefetch=args.prefetch)
+                        args.replicas, {"num_cpus": 1}, prefetch=args.prefetch, linger_s=args.linger, queue_s=args.queue)
     start = time.perf_counter() - t0
     if args.pin:
         pinned = ray.get([r.call.remote(lambda e, c=c: pin_process([c])) for r, c in
@@ -259,7 +261,7 @@ def main() -> None:
               "requests_only_tok_s": raw, "requests_only_ratio_per_replica": [round(r, 3) for r in raw_ratios],
               "engine_stream_tok_s": own,
               "wall_ratio": round(walls["all at once"] / walls["fleet"], 3),
-              "fleet_round_s": fleet_seconds, "driver_cpu_s": driver_cpu, "prefetch": args.prefetch, "cpu_seconds": cpu_use}
+              "fleet_round_s": fleet_seconds, "driver_cpu_s": driver_cpu, "prefetch": args.prefetch, "linger_s": args.linger, "queue_s": args.queue, "cpu_seconds": cpu_use}
     fleet.close()
     if args.ray_data:
         result["ray_data_llm"] = ray_data_llm(args, model, fits)

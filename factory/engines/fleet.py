@@ -55,9 +55,9 @@ class Replica:
     """A Ray actor (threaded: `poll` waits while `submit` runs): one engine, its `stream` in a
     thread, fed from an inbox the driver fills."""
 
-    def __init__(self, make: Callable[[], Any], window: int | None):
+    def __init__(self, make: Callable[[], Any], window: int | None, linger_s: float = 0.05):
         self.engine = make()
-        self.window = window
+        self.window, self.linger_s = window, linger_s
         # one lock, two conditions: the engine thread waits for work when idle, `poll` for news;
         # each is woken only when it has something to wake for (a wake-up costs the engine the GIL)
         lock = threading.Lock()
@@ -86,18 +86,16 @@ class Replica:
             self.hungry.clear()
             self.work.notify()
 
-    LINGER_S = 0.05
-
     def poll(self, wait_s: float) -> tuple[list[int], list[tuple[int, list[Completion]]], str | None]:
         """Wait up to `wait_s` for news; return (ids taken, (id, completions) finished, engine error).
-        Once there is news, more is gathered for up to LINGER_S unless the inbox runs dry: a reply
+        Once there is news, more is gathered for up to `linger_s` unless the inbox runs dry: a reply
         per finished request would cost the engine's process a Ray call each time (measured: the
         replicas spent ~15% more CPU per token answering every event)."""
         with self.news:
             self.news.wait_for(self._has_news, timeout=wait_s)
             ready = self._has_news()
         if ready and self.error is None:
-            self.hungry.wait(self.LINGER_S)
+            self.hungry.wait(self.linger_s)
         with self.news:
             taken, done, self.taken, self.done = self.taken, self.done, [], []
             return taken, done, self.error
@@ -170,7 +168,6 @@ class EngineFleet:
     tokenized here, on the driver, with the model's own tokenizer (`front`)."""
 
     POLL_S = 2.0
-    QUEUE_S = 0.5
     INTAKE_S = 2.0
 
     @classmethod
@@ -184,7 +181,8 @@ class EngineFleet:
                    actor_options, **kwargs)
 
     def __init__(self, make: Callable[[], Any], front: Any, replicas: int, actor_options: dict | None = None,
-                 window: int | None = None, prefetch: int = 2, max_restarts: int = 16,
+                 window: int | None = None, prefetch: int = 2, linger_s: float = 0.05, queue_s: float = 0.5,
+                 max_restarts: int = 16,
                  log: Callable[[str], None] = print, start_timeout_s: float = 1800.0):
         """Args:
             make: builds a replica's engine inside its actor (pickled to it).
@@ -193,14 +191,17 @@ class EngineFleet:
             actor_options: Ray resources per actor (num_cpus, num_gpus).
             window: sequences in flight per replica (unset: its engine's default).
             prefetch: requests queued in a replica's inbox beyond what its engine took, at least;
-                more when it takes them fast (about QUEUE_S of its intake, so the inbox does not
+                more when it takes them fast (about `queue_s` of its intake, so the inbox does not
                 run dry between a reply and the refill it brings).
+            linger_s: how long a replica gathers news before it replies (sooner when its inbox runs
+                dry). 0.2 s was no better than 0.05 s on 2 cores (the replicas' Ray threads spent
+                the same CPU, the driver's refills came later): NOTES.md.
             max_restarts: restarts of one replica (by Ray) before it is given up (a node lost
                 now and then over a long run is survived; an engine that crashes on every start is not).
         """
         import ray
 
-        self.log, self.prefetch = log, max(1, prefetch)
+        self.log, self.prefetch, self.queue_s = log, max(1, prefetch), queue_s
         # requests per second each replica's engine takes, counted as it finishes them (once its
         # window is full it takes one as one ends): a rate decayed over INTAKE_S, not a per-reply
         # average of what it took, which spiked when a replica took a window's worth at once and
@@ -208,7 +209,8 @@ class EngineFleet:
         self.intake = [0.0] * replicas
         self.max_restarts = max_restarts
         actor = ray.remote(max_concurrency=4, max_restarts=max_restarts)(Replica)
-        self.replicas = [actor.options(**(actor_options or {})).remote(make, window) for _ in range(replicas)]
+        self.replicas = [actor.options(**(actor_options or {})).remote(make, window, linger_s)
+                         for _ in range(replicas)]
         infos = self._wait([r.info.remote() for r in self.replicas], start_timeout_s, "start")
         self.front = front
         self.model_name = infos[0]["model_name"]
@@ -332,8 +334,8 @@ class EngineFleet:
                         self.replicas[j].drop.remote()
 
     def depth(self, j: int) -> int:
-        """How many requests replica j's inbox is kept at: `prefetch`, or QUEUE_S of its intake."""
-        return max(self.prefetch, int(self.intake[j] * self.QUEUE_S + 0.999))
+        """How many requests replica j's inbox is kept at: `prefetch`, or `queue_s` of its intake."""
+        return max(self.prefetch, int(self.intake[j] * self.queue_s + 0.999))
 
     def _lost(self, j: int, error: Exception, pending: dict, queued: list, held: list, resend) -> None:
         """Replica j's poll failed. ActorUnavailableError: it died (or cannot be reached) and Ray is
