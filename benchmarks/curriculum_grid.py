@@ -3,6 +3,7 @@ spread over training seeds on the same data, and the teacher tokens each dataset
 
     python benchmarks/curriculum_grid.py --orders shuffled,pacing,staged,replay,hard_weighted --seeds 0,1,2
     python benchmarks/curriculum_grid.py --data topup --orders shuffled,replay --seeds 0,1,2
+    python benchmarks/curriculum_grid.py --orders replay,shuffled,shuffled_long   # replay vs its extra steps
 
 Needs a finished demo run (`make demo`: runs/demo). `--data topup` first makes runs/demo_topup:
 the demo run's ingest, rollout and grade stages copied (so its first K = 8 traces are the very
@@ -43,7 +44,11 @@ ORDERS = {
                                                  {"min_difficulty": 0.375, "epochs": 2, "shuffle": True}]},
     "replay": {"strategy": "replay", "epochs": 2, "buckets": 4, "replay": 0.25},
     "hard_weighted": {"strategy": "hard_weighted", "epochs": 2, "hard_weight": 1.0},
+    # the control for replay's extra examples: shuffled for exactly as many steps as replay takes on
+    # the same data (a third pass cut short by train.extra.max_steps, which TRL's schedule follows)
+    "shuffled_long": {"strategy": "shuffled", "epochs": 3},
 }
+SAME_STEPS_AS = {"shuffled_long": "replay"}
 # the top-up measured: problems that 1 or 2 of their 8 traces solved get waves of 4 more samples
 # until 4 correct or 16 samples (two waves at most); curate keeps up to 4 of their correct traces.
 # Sized to the +30% token budget: those problems' traces are 52 tokens long against 44 on average
@@ -66,12 +71,20 @@ def topup_run(recipe, demo_run: Path, out: Path, log) -> tuple[Path, object]:
     return out, runner.started_engine
 
 
-def sft_cell(recipe, run_dir: Path, order: str, seed: int, out: Path, log) -> dict:
+def cell_recipe(recipe, run_dir: Path, order: str, seed: int, out: Path) -> train_mod.SFTRecipe:
     r = config_mod.from_dict(train_mod.SFTRecipe, config_mod.to_dict(recipe.sft))
     r.model.path, r.data.run_dir, r.train.output_dir = recipe.demo.student, str(run_dir), str(out)
     r.data.order = config_mod.from_dict(type(r.data.order), {**config_mod.to_dict(r.data.order), **ORDERS[order],
                                                              "seed": seed})
     r.train.seed = seed
+    if order in SAME_STEPS_AS:  # as many steps as that order's plan on the same data and seed
+        other = train_mod.plan("sft", cell_recipe(recipe, run_dir, SAME_STEPS_AS[order], seed, out), log=lambda m: None)
+        r.train.extra = {**r.train.extra, "max_steps": other.report["order"]["steps"]}
+    return r
+
+
+def sft_cell(recipe, run_dir: Path, order: str, seed: int, out: Path, log) -> dict:
+    r = cell_recipe(recipe, run_dir, order, seed, out)
     inputs = {"recipe": config_mod.to_dict(r), "data": data_key(run_dir), "model": model_key(recipe.demo.student)}
     if not reuse(out, inputs, "factory_train.json"):
         # in a process of its own: vLLM, once started here, drops this process to one torch thread
