@@ -22,6 +22,13 @@ def test_shuffled_is_a_permutation_per_epoch_and_seeded():
     assert order != training_order(DIFF, OrderConfig("shuffled", epochs=2, seed=2), 8)
 
 
+def test_shuffled_takes_a_fraction_of_a_pass_as_the_start_of_one_more():
+    whole = training_order(DIFF, OrderConfig("shuffled", epochs=3, seed=1), 8)
+    part = training_order(DIFF, OrderConfig("shuffled", epochs=2.375, seed=1), 8)
+    assert len(part) == 80 + 15 and part == whole[:95]  # 2 passes + 37.5% of 40 rows
+    assert len(set(part[80:])) == 15  # no row twice within the partial pass
+
+
 def test_staged_everything_then_the_hard_subset():
     cfg = OrderConfig("staged", stages=[Stage(0.0, 1.0, 1), Stage(0.5, 1.0, 2)])
     hard = [i for i, d in enumerate(DIFF) if d >= 0.5]
@@ -75,6 +82,7 @@ def test_group_by_length_regroups_within_windows_and_keeps_the_rows():
     (OrderConfig("pacing", pacing="cubic"), "pacing='cubic'"),
     (OrderConfig("staged", stages=[]), "at least one stage"),
     (OrderConfig("sorted", epochs=0), "epochs=0"),
+    (OrderConfig("replay", epochs=2.5), "takes whole passes"),
     (OrderConfig("sorted", group_by_length=-1), "group_by_length=-1"),
 ])
 def test_bad_orders_are_errors(cfg, message):

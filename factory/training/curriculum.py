@@ -51,9 +51,10 @@ class Stage:
 class OrderConfig:
     strategy: str = "sorted"
     """sorted | shuffled | staged | pacing | replay | hard_weighted (see factory.training.curriculum)."""
-    epochs: int = 1
+    epochs: float = 1
     """Passes over the data for sorted, shuffled, pacing, replay and hard_weighted (staged sets
-    epochs per stage)."""
+    epochs per stage). Whole passes, except for shuffled: 2.375 is two passes and the first 37.5%
+    of a third (so shuffled can match another order's example count, e.g. replay's)."""
     stages: list[Stage] = field(default_factory=lambda: [Stage(), Stage(min_difficulty=0.5)])
     """strategy=staged: the stages in order (default: everything, then the harder half)."""
     pacing: str = "sqrt"
@@ -91,6 +92,9 @@ def check(cfg: OrderConfig) -> None:
         raise ValueError(f"strategy={cfg.strategy!r}; use one of {', '.join(STRATEGIES)}")
     if cfg.epochs < 1:
         raise ValueError(f"epochs={cfg.epochs}; must be >= 1")
+    if cfg.epochs != int(cfg.epochs) and cfg.strategy != "shuffled":
+        raise ValueError(f"epochs={cfg.epochs}; strategy={cfg.strategy} takes whole passes (only shuffled "
+                         "takes a fraction of one)")
     if cfg.strategy == "staged" and not cfg.stages:
         raise ValueError("strategy=staged needs at least one stage")
     if cfg.strategy == "pacing":
@@ -153,10 +157,12 @@ def _order(difficulty: list[float], cfg: OrderConfig, batch_size: int) -> list[i
     n = len(difficulty)
     rng = random.Random(cfg.seed)
     rows = list(range(n))
+    passes = int(cfg.epochs)
     if cfg.strategy == "sorted":
-        return rows * cfg.epochs
-    if cfg.strategy == "shuffled":
-        return [i for _ in range(cfg.epochs) for i in rng.sample(rows, n)]
+        return rows * passes
+    if cfg.strategy == "shuffled":  # a fraction of a pass: the start of one more permutation
+        part = round((cfg.epochs - passes) * n)
+        return [i for _ in range(passes) for i in rng.sample(rows, n)] + (rng.sample(rows, n)[:part] if part else [])
     if cfg.strategy == "staged":
         order = []
         for s in cfg.stages:
@@ -169,7 +175,7 @@ def _order(difficulty: list[float], cfg: OrderConfig, batch_size: int) -> list[i
     if cfg.strategy == "hard_weighted":
         return _hard_weighted(difficulty, cfg, rng)
     # pacing: as many examples as `epochs` passes, each step drawn from the allowed prefix
-    total = n * cfg.epochs
+    total = n * passes
     n_steps = max(1, math.ceil(total / batch_size))
     order = []
     for t, limit in enumerate(pacing_limits(n, n_steps, batch_size, cfg)):
@@ -186,7 +192,7 @@ def bucket_bounds(n: int, buckets: int) -> list[tuple[int, int]]:
 
 def _replay(n: int, cfg: OrderConfig, rng: random.Random) -> list[int]:
     order = []
-    for _ in range(cfg.epochs):
+    for _ in range(int(cfg.epochs)):
         for start, end in bucket_bounds(n, cfg.buckets):
             phase = list(range(start, end))
             k = min(start, round(cfg.replay * (end - start)))  # without repeats within a phase
@@ -201,7 +207,7 @@ def hard_counts(difficulty: list[float], cfg: OrderConfig, rng: random.Random) -
     1 + hard_weight x difficulty[i], rounded by systematic sampling (each count is the floor or
     the ceiling of the expected count, and they sum to the total)."""
     weights = [1.0 + cfg.hard_weight * d for d in difficulty]
-    total, mass = len(difficulty) * cfg.epochs, sum(weights)
+    total, mass = len(difficulty) * int(cfg.epochs), sum(weights)
     counts, cum, prev, u = [], 0.0, 0, rng.random()
     for i, w in enumerate(weights):
         cum += w
