@@ -51,7 +51,7 @@ class Stage:
 class OrderConfig:
     strategy: str = "sorted"
     """sorted | shuffled | staged | pacing | replay | hard_weighted (see factory.training.curriculum)."""
-    epochs: float = 1
+    epochs: int | float = 1
     """Passes over the data for sorted, shuffled, pacing, replay and hard_weighted (staged sets
     epochs per stage). Whole passes, except for shuffled: 2.375 is two passes and the first 37.5%
     of a third (so shuffled can match another order's example count, e.g. replay's)."""
