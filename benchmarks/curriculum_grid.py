@@ -40,7 +40,7 @@ ORDERS = {
     "pacing": {"strategy": "pacing", "epochs": 2, "initial_competence": 0.3},  # the demo's default before
     "sorted": {"strategy": "sorted", "epochs": 2},
     # Light-R1's two stages: everything once, then the harder half (difficulty >= 0.375) twice: ~2.0 epochs
-    "staged": {"strategy": "staged", "stages": [{"min_difficulty": 0.0, "epochs": 1, "shuffle": True},
+    "staged": {"strategy": "staged", "epochs": 2, "stages": [{"min_difficulty": 0.0, "epochs": 1, "shuffle": True},
                                                  {"min_difficulty": 0.375, "epochs": 2, "shuffle": True}]},
     "replay": {"strategy": "replay", "epochs": 2, "buckets": 4, "replay": 0.25},
     "hard_weighted": {"strategy": "hard_weighted", "epochs": 2, "hard_weight": 1.0},

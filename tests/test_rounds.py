@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from factory import config as config_mod
@@ -14,7 +15,8 @@ from factory.training import rounds
 from conftest import ROOT, toy_recipe, write_jsonl
 
 
-def loop_recipe(out: Path, teacher: Path, problems: Path, heldout: Path, n_rounds: int) -> rounds.RoundsRecipe:
+def loop_recipe(out: Path, teacher: Path, problems: Path, heldout: Path, n_rounds: int,
+                control: dict | None = None) -> rounds.RoundsRecipe:
     sft = yaml.safe_load((ROOT / "recipes" / "toy_addition_sft.yaml").read_text())
     sft["train"].update(extra={"max_steps": 3}, save_steps=100000)
     ev = yaml.safe_load((ROOT / "recipes" / "toy_addition_eval.yaml").read_text())
@@ -25,7 +27,7 @@ def loop_recipe(out: Path, teacher: Path, problems: Path, heldout: Path, n_round
     return config_mod.from_dict(rounds.RoundsRecipe, {
         "pipeline": toy_recipe(out / "unused", str(teacher), problems), "sft": sft, "eval": ev,
         "rounds": {"rounds": n_rounds, "output_dir": str(out), "student": str(teacher), "train": ["sft"],
-                   "next_problems": "unsolved"}})
+                   "next_problems": "unsolved", "control_order": control}})
 
 
 def test_two_rounds_resume_between_rounds_and_write_the_table(tmp_path, engine, teacher_dir, problems_file):
@@ -35,15 +37,23 @@ def test_two_rounds_resume_between_rounds_and_write_the_table(tmp_path, engine, 
     out = tmp_path / "loop"
     model_before = engine.model_name
 
-    first = rounds.run_loop(loop_recipe(out, teacher_dir, problems, heldout, 1), engine=engine, log=lambda m: None)
+    control = {"strategy": "shuffled", "epochs": 1.5}  # round 1's control SFT, beside the recipe's sorted order
+    first = rounds.run_loop(loop_recipe(out, teacher_dir, problems, heldout, 1, control), engine=engine,
+                            log=lambda m: None)
     assert len(first) == 1 and (out / "round-1" / "round.json").exists() and not (out / "round-2").exists()
+    assert list(first[0]["students"]) == ["base", "sft", "sft-shuffled"]
+    trained = json.loads((out / "round-1" / "student-sft-shuffled" / "factory_train.json").read_text())
+    assert trained["recipe"]["data"]["order"]["strategy"] == "shuffled"
+    assert trained["recipe"]["data"]["order"]["epochs"] == 1.5
+    assert trained["recipe"]["model"]["path"] == str(teacher_dir)  # the control starts from the same student
     assert engine.model_name == model_before  # the shared engine is handed back with its own weights
     made = {p: p.stat().st_mtime_ns for p in [out / "round-1" / "run" / "manifest.json",
                                               out / "round-1" / "student-sft" / "model.safetensors",
                                               out / "round-1" / "eval" / "sft" / "eval.json"]}
 
     said: list[str] = []
-    table = rounds.run_loop(loop_recipe(out, teacher_dir, problems, heldout, 2), engine=engine, log=said.append)
+    table = rounds.run_loop(loop_recipe(out, teacher_dir, problems, heldout, 2, control), engine=engine,
+                            log=said.append)
     assert any("round 1: finished before" in m for m in said)
     assert {p: p.stat().st_mtime_ns for p in made} == made  # round 1 was not redone
     assert [r["round"] for r in table] == [1, 2]
@@ -62,10 +72,37 @@ def test_two_rounds_resume_between_rounds_and_write_the_table(tmp_path, engine, 
         assert 0 <= r["students"]["sft"]["pass@1"] <= 1
     assert json.loads((out / "rounds.json").read_text()) == table
     text = (out / "rounds.txt").read_text()
-    assert list(r1["students"]) == ["base", "sft"] and list(r2["students"]) == ["sft"]  # the start is evaluated once
-    assert text.splitlines()[0].startswith("round") and len(text.splitlines()) == 4
+    assert list(r1["students"]) == ["base", "sft", "sft-shuffled"] and list(r2["students"]) == ["sft"]  # the start is evaluated once; the control is round 1's
+    assert text.splitlines()[0].startswith("round") and len(text.splitlines()) == 5  # one line a student
     assert "<svg" in (out / "rounds.html").read_text()
     assert engine.model_name == model_before
+
+
+def test_control_is_another_order_of_the_same_sft_and_never_the_same_one(tmp_path):
+    def recipe(order: dict, **rounds_cfg) -> rounds.RoundsRecipe:
+        return config_mod.from_dict(rounds.RoundsRecipe, {
+            "sft": {"data": {"order": order}},
+            "rounds": {"student": "s", "train": ["sft"], **rounds_cfg}})
+
+    replay = {"strategy": "replay", "buckets": 4, "replay": 0.25, "epochs": 2, "group_by_length": 8}
+    control = rounds.control_order(recipe(replay, shuffled_control=True))
+    assert control.strategy == "shuffled" and (control.epochs, control.group_by_length) == (2, 8)  # the rest kept
+    assert rounds.control_order(recipe(replay)) is None
+    same = recipe({"strategy": "shuffled", "epochs": 2.375}, shuffled_control=True)
+    with pytest.raises(ValueError, match="shuffled already"):
+        rounds.control_order(same)
+    with pytest.raises(ValueError, match="shuffled already"):  # refused before any work is done
+        rounds.run_loop(same, log=lambda m: None)
+    given = rounds.control_order(recipe({"strategy": "shuffled"}, control_order=replay))
+    assert (given.strategy, given.buckets, given.replay) == ("replay", 4, 0.25)
+    with pytest.raises(ValueError, match="name one control"):
+        rounds.check(recipe(replay, shuffled_control=True, control_order=replay).rounds)
+    with pytest.raises(ValueError, match="needs an sft step"):
+        rounds.check(config_mod.from_dict(rounds.RoundsConfig, {"student": "s", "train": ["grpo"],
+                                                                "control_order": replay}))
+    with pytest.raises(ValueError, match="epochs"):  # fractions are shuffled's only
+        rounds.check(config_mod.from_dict(rounds.RoundsConfig, {"student": "s", "control_order": {
+            **replay, "epochs": 2.5}}))
 
 
 def test_round_report_draws_each_grpo_reward_curve():

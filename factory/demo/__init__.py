@@ -1,8 +1,9 @@
 """`factory demo RECIPE`: the whole loop on the arithmetic domain with the shipped tiny models.
 
     rollout x8 with the teacher -> grade -> PRM score -> curate (curriculum + DPO pairs)
-    -> curriculum SFT of the student (and, as a control, the same SFT for the same number of
-       steps on unfiltered traces: all 8 per problem, right and wrong)
+    -> SFT of the student on the curated shards, in the recipe's order (and, as a control, the
+       same SFT for the same number of steps on unfiltered traces: all 8 per problem, right and
+       wrong)
     -> DPO from the SFT output -> eval of base / SFT / unfiltered SFT / DPO on held-out problems
     -> report.txt and report.html (plots as inline SVG) in RUN/report/
 

@@ -39,7 +39,8 @@ from factory.engines import Engine, make_engine
 from factory.run import pipeline
 from factory.run.recipe import Recipe
 from factory.run.report import svg_bars, svg_lines
-from factory.training import evaluate, grpo as grpo_mod, train as train_mod
+from factory.training import curriculum, evaluate, grpo as grpo_mod, train as train_mod
+from factory.training.curriculum import OrderConfig
 
 STEPS = ("sft", "dpo", "grpo")
 
@@ -60,9 +61,13 @@ class RoundsConfig:
     """Evaluate the starting student too (round 1's `base` row)."""
     shuffled_control: bool = False
     """Round 1 also trains the same SFT in shuffled order (`sft-shuffled`, evaluated, not handed
-    on): the curriculum order's effect, measured."""
+    on): the curriculum order's effect, measured. For an SFT order that is shuffled already, name
+    the order to compare with in `control_order` instead."""
+    control_order: OrderConfig | None = None
+    """Round 1 also trains the same SFT in this order (`sft-<strategy>`, evaluated, not handed on),
+    e.g. a curriculum beside a shuffled SFT. At most one of this and shuffled_control."""
     seeds: int = 1
-    """Train every step (and the shuffled control) this many times, with train.seed + 0, 1, ...,
+    """Train every step (and the control) this many times, with train.seed + 0, 1, ...,
     each evaluated; the table gives mean ± spread (sample standard deviation) over them, and
     seed 0's student is the one handed on."""
     student_from: str = "previous"
@@ -96,8 +101,13 @@ def check(cfg: RoundsConfig) -> None:
         steps = getattr(cfg, name)
         if (steps is not None or name == "train") and (not steps or any(s not in STEPS for s in steps)):
             raise ValueError(f"rounds.{name}={steps}; a list of {', '.join(STEPS)}")
-    if cfg.shuffled_control and "sft" not in cfg.train:
-        raise ValueError("rounds.shuffled_control needs an sft step in rounds.train")
+    if cfg.shuffled_control and cfg.control_order is not None:
+        raise ValueError("rounds.shuffled_control and rounds.control_order are both set; name one control")
+    for name in ("shuffled_control", "control_order"):
+        if getattr(cfg, name) not in (False, None) and "sft" not in cfg.train:
+            raise ValueError(f"rounds.{name} needs an sft step in rounds.train")
+    if cfg.control_order is not None:
+        curriculum.check(cfg.control_order)
     if cfg.seeds < 1:
         raise ValueError(f"rounds.seeds={cfg.seeds}; at least 1")
     if cfg.student_from not in ("previous", "base"):
@@ -232,6 +242,7 @@ def run_loop(recipe: RoundsRecipe, engine: Engine | None = None, log: Callable[[
     """Run (or resume) every round; returns the round table's rows."""
     cfg = recipe.rounds
     check(cfg)
+    control = control_order(recipe)  # before any work: a control that repeats the SFT is an error
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     engines = Engines(engine, log)
@@ -270,10 +281,11 @@ def run_loop(recipe: RoundsRecipe, engine: Engine | None = None, log: Callable[[
                 start, current = current, train_step(recipe, step, current, rdir, log)
                 trained[step] = current
                 seeded[step] = [train_step(recipe, step, start, rdir, log, seed=k) for k in range(1, cfg.seeds)]
-            if r == 1 and cfg.shuffled_control:
-                trained["sft-shuffled"] = train_step(recipe, "sft", student, rdir, log, shuffled=True)
-                seeded["sft-shuffled"] = [train_step(recipe, "sft", student, rdir, log, shuffled=True, seed=k)
-                                          for k in range(1, cfg.seeds)]
+            if r == 1 and control is not None:
+                name = f"sft-{control.strategy}"
+                trained[name] = train_step(recipe, "sft", student, rdir, log, order=control)
+                seeded[name] = [train_step(recipe, "sft", student, rdir, log, order=control, seed=k)
+                                for k in range(1, cfg.seeds)]
             evals: dict[str, list[dict]] = {}
             for name, model in list(trained.items()) + \
                     [(n, m) for n, ms in seeded.items() for m in ms]:
@@ -306,11 +318,27 @@ def run_loop(recipe: RoundsRecipe, engine: Engine | None = None, log: Callable[[
     return rows
 
 
-def train_step(recipe: RoundsRecipe, step: str, model: str, rdir: Path, log, shuffled: bool = False,
-               seed: int = 0) -> str:
-    """Train `model` with the round's data (with train.seed + `seed`); a finished step (its
-    factory_train.json) is reused."""
-    out = rdir / f"student-{step}{'-shuffled' if shuffled else ''}{f'-seed{seed}' if seed else ''}"
+def control_order(recipe: RoundsRecipe) -> OrderConfig | None:
+    """The order round 1's control SFT trains in, or None."""
+    cfg = recipe.rounds
+    if cfg.control_order is not None:
+        return cfg.control_order
+    if not cfg.shuffled_control:
+        return None
+    if recipe.sft.data.order.strategy == "shuffled":
+        raise ValueError("rounds.shuffled_control: the SFT order is shuffled already, so the control would "
+                         "train the same student twice; name the order to compare with in rounds.control_order")
+    order = config_mod.from_dict(OrderConfig, config_mod.to_dict(recipe.sft.data.order))
+    order.strategy = "shuffled"
+    return order
+
+
+def train_step(recipe: RoundsRecipe, step: str, model: str, rdir: Path, log,
+               order: OrderConfig | None = None, seed: int = 0) -> str:
+    """Train `model` with the round's data (with train.seed + `seed`; SFT in `order` where given,
+    a control's student-sft-<strategy>); a finished step (its factory_train.json) is reused."""
+    tag = f"-{order.strategy}" if order is not None else ""
+    out = rdir / f"student-{step}{tag}{f'-seed{seed}' if seed else ''}"
     run_dir = str(rdir / "run")
     if (out / "factory_train.json").exists():
         return str(out)
@@ -324,10 +352,10 @@ def train_step(recipe: RoundsRecipe, step: str, model: str, rdir: Path, log, shu
     t = config_mod.from_dict(train_mod.SFTRecipe if kind == "sft" else train_mod.DPORecipe,
                              config_mod.to_dict(getattr(recipe, kind)))
     t.model.path, t.data.run_dir, t.train.output_dir = model, run_dir, str(out)
+    if order is not None:
+        t.data.order = config_mod.from_dict(OrderConfig, config_mod.to_dict(order))
     t.train.seed += seed
     t.data.order.seed += seed  # the order's draws are part of what a seed varies
-    if shuffled:
-        t.data.order.strategy = "shuffled"
     if kind == "dpo":
         t.dpo.ref_model = model
     train_mod.train(kind, t, log=log)
