@@ -95,6 +95,8 @@ def test_control_is_another_order_of_the_same_sft_and_never_the_same_one(tmp_pat
         rounds.run_loop(same, log=lambda m: None)
     given = rounds.control_order(recipe({"strategy": "shuffled"}, control_order=replay))
     assert (given.strategy, given.buckets, given.replay) == ("replay", 4, 0.25)
+    with pytest.raises(ValueError, match="SFT's own order"):
+        rounds.control_order(recipe(replay, control_order=replay))
     with pytest.raises(ValueError, match="name one control"):
         rounds.check(recipe(replay, shuffled_control=True, control_order=replay).rounds)
     with pytest.raises(ValueError, match="needs an sft step"):

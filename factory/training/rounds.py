@@ -322,6 +322,9 @@ def control_order(recipe: RoundsRecipe) -> OrderConfig | None:
     """The order round 1's control SFT trains in, or None."""
     cfg = recipe.rounds
     if cfg.control_order is not None:
+        if config_mod.to_dict(cfg.control_order) == config_mod.to_dict(recipe.sft.data.order):
+            raise ValueError("rounds.control_order is the SFT's own order (sft.data.order), so the control "
+                             "would train the same student twice; name another order")
         return cfg.control_order
     if not cfg.shuffled_control:
         return None
