@@ -25,6 +25,7 @@ the next teacher's or student's weights are swapped in, as the demo's evals do.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -103,9 +104,9 @@ def check(cfg: RoundsConfig) -> None:
             raise ValueError(f"rounds.{name}={steps}; a list of {', '.join(STEPS)}")
     if cfg.shuffled_control and cfg.control_order is not None:
         raise ValueError("rounds.shuffled_control and rounds.control_order are both set; name one control")
-    for name in ("shuffled_control", "control_order"):
-        if getattr(cfg, name) not in (False, None) and "sft" not in cfg.train:
-            raise ValueError(f"rounds.{name} needs an sft step in rounds.train")
+    if (cfg.shuffled_control or cfg.control_order is not None) and "sft" not in cfg.train:
+        name = "shuffled_control" if cfg.shuffled_control else "control_order"
+        raise ValueError(f"rounds.{name} needs an sft step in rounds.train")
     if cfg.control_order is not None:
         curriculum.check(cfg.control_order)
     if cfg.seeds < 1:
@@ -331,9 +332,7 @@ def control_order(recipe: RoundsRecipe) -> OrderConfig | None:
     if recipe.sft.data.order.strategy == "shuffled":
         raise ValueError("rounds.shuffled_control: the SFT order is shuffled already, so the control would "
                          "train the same student twice; name the order to compare with in rounds.control_order")
-    order = config_mod.from_dict(OrderConfig, config_mod.to_dict(recipe.sft.data.order))
-    order.strategy = "shuffled"
-    return order
+    return dataclasses.replace(recipe.sft.data.order, strategy="shuffled")
 
 
 def train_step(recipe: RoundsRecipe, step: str, model: str, rdir: Path, log,
@@ -356,7 +355,7 @@ def train_step(recipe: RoundsRecipe, step: str, model: str, rdir: Path, log,
                              config_mod.to_dict(getattr(recipe, kind)))
     t.model.path, t.data.run_dir, t.train.output_dir = model, run_dir, str(out)
     if order is not None:
-        t.data.order = config_mod.from_dict(OrderConfig, config_mod.to_dict(order))
+        t.data.order = dataclasses.replace(order)  # a copy: its seed is offset below
     t.train.seed += seed
     t.data.order.seed += seed  # the order's draws are part of what a seed varies
     if kind == "dpo":
