@@ -68,11 +68,12 @@ def test_ray_executor_matches_local(tmp_path, engine, teacher_dir, problems_file
 
 def sim_recipe(out: Path, problems: Path, executor: str, address: str | None = None) -> dict:
     """The simulated teacher in-process: 3 replicas of 8 slots on Ray, or one of 24 locally
-    (traces of ~120 tokens at 200 tok/s per slot: a rollout of ~10 s)."""
+    (traces of ~120 tokens at 100 tok/s per slot: a rollout of ~20 s, long enough that five
+    replica kills, each waiting for the last one's restart, fall inside the stream)."""
     data = recipe_data(out, "http://unused", problems)
     replicas = 3
     data["engine"] = {"backend": "sim", "model": "sim", "max_model_len": 2048,
-                      "sim": {"slots": 8 if executor == "ray" else 8 * replicas, "rate": 200, "median": 120,
+                      "sim": {"slots": 8 if executor == "ray" else 8 * replicas, "rate": 100, "median": 120,
                               "sigma": 0.8, "tokenizer": str(TOKENIZER)}}
     data.update(executor=executor, ray={"address": address, "engine_replicas": replicas, "cpu_actors": 1})
     return data
@@ -168,3 +169,4 @@ def test_sigkill_of_the_driver_or_a_replica_resumes_to_the_local_products(tmp_pa
         assert not running_replicas()
     finally:
         ray.shutdown()
+
