@@ -170,3 +170,20 @@ def test_sigkill_of_the_driver_or_a_replica_resumes_to_the_local_products(tmp_pa
     finally:
         ray.shutdown()
 
+
+def test_requests_and_completions_cross_ray_whole():
+    """The fleet's wire tuples carry every field of Sampling and Completion, in order: a field
+    added to either dataclass and not to the wire fails here, not as a silently lost value."""
+    from dataclasses import astuple, fields
+
+    from factory.engines.base import Completion, Request, Sampling
+    from factory.engines.fleet import unwire_request, wire_completion, wire_request
+
+    r = Request("caller's key", [1, 2, 3], Sampling(n=3, temperature=0.7, top_p=0.9, max_tokens=77, seed=5,
+                                                     stop=("</answer>",)))
+    back = unwire_request(wire_request(41, r))
+    assert back == Request(41, [1, 2, 3], r.sampling)
+    assert len(wire_request(41, r)[2]) == len(fields(Sampling))
+    c = Completion("text", 12, "length", error=None, max_tokens=30, forced_answer=True)
+    assert wire_completion(c) == astuple(c) and len(wire_completion(c)) == len(fields(Completion))
+    assert Completion(*wire_completion(c)) == c

@@ -27,6 +27,10 @@ request's completions depend only on its prompt and seed, so a re-sent request g
 traces. A result of a request already re-sent elsewhere is dropped. The driver's durable state
 (which problems are in) belongs to the caller (`ContinuousRollout`'s partial files).
 
+Requests and completions cross Ray as plain tuples (`wire_request`, `wire_completion`), rebuilt
+into the dataclasses on the far side: cloudpickle over a list of dataclasses measured ~7x slower
+than over the same fields in tuples, and each submit and poll is paid on the driver (NOTES.md).
+
 Written here rather than on `ray.util.queue.Queue` (an actor around an asyncio queue): a
 shared queue does not say which replica took a request, so the requests of a dead replica
 could not be re-sent without re-sending everything in flight, and each put and get is one
@@ -51,6 +55,22 @@ from factory.engines.base import Completion, EngineConfig, Request, Sampling
 _END = object()
 
 
+def wire_request(rid: int, r: Request) -> tuple:
+    """A request as it crosses Ray: (id, prompt, the Sampling's fields in order)."""
+    s = r.sampling
+    return rid, r.prompt, (s.n, s.temperature, s.top_p, s.max_tokens, s.seed, tuple(s.stop))
+
+
+def unwire_request(t: tuple) -> Request:
+    rid, prompt, sampling = t
+    return Request(rid, prompt, Sampling(*sampling))
+
+
+def wire_completion(c: Completion) -> tuple:
+    """A completion as it crosses Ray: the Completion's fields in order."""
+    return c.text, c.num_tokens, c.finish_reason, c.error, c.max_tokens, c.forced_answer
+
+
 class Replica:
     """A Ray actor (threaded: `poll` waits while `submit` runs): one engine, its `stream` in a
     thread, fed from an inbox the driver fills."""
@@ -65,7 +85,7 @@ class Replica:
         self.hungry = threading.Event()  # the inbox ran dry: the driver should hear at once
         self.inbox: collections.deque = collections.deque()
         self.taken: list[int] = []  # request ids the engine took since the last poll
-        self.done: list[tuple[int, list[Completion]]] = []  # finished since the last poll
+        self.done: list[tuple[int, list[tuple]]] = []  # finished since the last poll, wired
         self.error: str | None = None
         self.in_flight = 0  # touched by the engine thread only
         self.held = 0  # sequences sent here and not yet finished (queued or decoding)
@@ -78,7 +98,9 @@ class Replica:
                 "can_continue": getattr(e, "can_continue", True),
                 "window": self.window or getattr(e, "default_window", None), "pid": os.getpid()}
 
-    def submit(self, requests: list[Request]) -> None:
+    def submit(self, wired: list[tuple]) -> None:
+        """Queue requests (`wire_request` tuples) for the engine."""
+        requests = [unwire_request(t) for t in wired]
         with self.work:
             self.inbox.extend(requests)
             self.held += sum(r.sampling.n for r in requests)
@@ -86,8 +108,9 @@ class Replica:
             self.hungry.clear()
             self.work.notify()
 
-    def poll(self, wait_s: float) -> tuple[list[int], list[tuple[int, list[Completion]]], str | None]:
-        """Wait up to `wait_s` for news; return (ids taken, (id, completions) finished, engine error).
+    def poll(self, wait_s: float) -> tuple[list[int], list[tuple[int, list[tuple]]], str | None]:
+        """Wait up to `wait_s` for news; return (ids taken, (id, completions as `wire_completion`
+        tuples) finished, engine error).
         Once there is news, more is gathered for up to `linger_s` unless the inbox runs dry: a reply
         per finished request would cost the engine's process a Ray call each time (measured: the
         replicas spent ~15% more CPU per token answering every event)."""
@@ -155,7 +178,7 @@ class Replica:
                     self.held -= len(completions)
                     if not self._has_news():
                         self.news.notify()
-                    self.done.append((rid, completions))
+                    self.done.append((rid, [wire_completion(c) for c in completions]))
         except BaseException:  # noqa: BLE001 - handed to the driver, which fails the run with it
             with self.news:
                 self.error = traceback.format_exc()[-4000:]
@@ -285,7 +308,7 @@ class EngineFleet:
                     queued[j].add(rid)
                     held[j].add(rid)
                     seqs[j] += r.sampling.n
-                    batches[j].append(Request(rid, r.prompt, r.sampling))
+                    batches[j].append(wire_request(rid, r))
                 for j, batch in batches.items():
                     self.replicas[j].submit.remote(batch)  # a lost replica shows in its poll
                 if not pending and not resend:
@@ -326,7 +349,7 @@ class EngineFleet:
                         queued[j].discard(rid)
                         seqs[j] -= r.sampling.n
                         waiting = False
-                        yield r.key, completions
+                        yield r.key, [Completion(*c) for c in completions]
         finally:
             if pending:  # the caller stopped early: the replicas forget what they have not started
                 for j in range(len(self.replicas)):
