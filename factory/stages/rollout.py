@@ -206,13 +206,16 @@ def trace_rows(p: Prepared, completions: list[Completion], key: str, model: str)
     # an R1-distill template prefills "<think>\n": put it back so the trace reads whole
     prefix = think_prefix(p)
     traces, rejected, tokens = [], [], 0
+    sampling_json: dict[int | None, str] = {}  # per budget: a problem's K traces share one or two
     for k, c in enumerate(completions):
         tid = trace_id(row["problem_id"], k, key)
         if c.error is not None:  # a server request that failed after its retries
             rejected.append(schema.rejected_row("rollout", "request_failed", {**row, "sample_index": k},
                                                 problem_id=row["problem_id"], trace_id=tid, detail=c.error))
             continue
-        request = p.sampling if c.max_tokens is None else replace(p.sampling, max_tokens=c.max_tokens)
+        if c.max_tokens not in sampling_json:
+            request = p.sampling if c.max_tokens is None else replace(p.sampling, max_tokens=c.max_tokens)
+            sampling_json[c.max_tokens] = json.dumps(request.to_dict())
         text = prefix + c.text
         split = answers.split_think(text)
         tokens += c.num_tokens
@@ -221,7 +224,7 @@ def trace_rows(p: Prepared, completions: list[Completion], key: str, model: str)
             "text": text, "reasoning": split.reasoning, "answer_text": split.answer_text,
             "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
             "truncated": c.finish_reason == "length", "forced_answer": c.forced_answer, "teacher_model": model,
-            "sampling": json.dumps(request.to_dict()),
+            "sampling": sampling_json[c.max_tokens],
         })
     return traces, rejected, tokens
 
