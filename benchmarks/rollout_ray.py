@@ -1,6 +1,7 @@
 """Rollout on Ray's engine replicas vs each replica's all-at-once LLM.generate, heavy-tailed lengths.
 
     python benchmarks/rollout_ray.py [--model DIR] [--replicas 2] [--problems 200] [--shard 10] [--rounds 2]
+    python benchmarks/rollout_ray.py --modes "all at once,fleet" --abba --rounds 12   # the ratio, pooled
 
 The requests are `rollout_continuous.py`'s: every request ignores EOS and gets its own budget,
 drawn lognormal (median `--median`, sigma `--sigma`, capped at `--cap`) from its seed. Each of
@@ -146,6 +147,11 @@ def main() -> None:
     ap.add_argument("--prefetch", type=int, default=2, help="EngineFleet prefetch")
     ap.add_argument("--linger", type=float, default=0.05, help="EngineFleet linger_s")
     ap.add_argument("--queue", type=float, default=0.5, help="EngineFleet queue_s")
+    ap.add_argument("--modes", default="all at once,fleet,requests only,engine stream",
+                    help="comma-separated modes to run each round (all at once is always run: it is the baseline)")
+    ap.add_argument("--abba", action="store_true",
+                    help="reverse the modes' order every other round, so a drift of the machine's speed "
+                         "over the run weighs on every mode alike")
     ap.add_argument("--pin", action="store_true", help="each replica on a core of its own, the driver and Ray on the rest")
     ap.add_argument("--ray-data", action="store_true", help="also Ray Data LLM's vLLM engine processor, end to end")
     ap.add_argument("--ray-data-batch", type=int, default=64, help="its batch_size")
@@ -217,9 +223,13 @@ def main() -> None:
     all_at_once()  # warm up both paths
     streamed()
     base, fleet_rates, raw, own, cpu_use = [], [], [], [], {}
+    wanted = {m.strip() for m in args.modes.split(",")} | {"all at once", "fleet"}
+    modes = [m for m in (("all at once", all_at_once, base), ("fleet", streamed, fleet_rates),
+                         ("requests only", requests_only, raw), ("engine stream", engine_stream, own))
+             if m[0] in wanted]
+    nan = [float("nan")] * args.replicas
     for k in range(args.rounds):
-        for name, side, got in (("all at once", all_at_once, base), ("fleet", streamed, fleet_rates),
-                                ("requests only", requests_only, raw), ("engine stream", engine_stream, own)):
+        for name, side, got in (modes[::-1] if args.abba and k % 2 else modes):
             c0, t0 = cpu_by_process(), time.perf_counter()
             th0 = ray.get([r.call.remote(thread_times) for r in fleet.replicas])
             got.append(side())
@@ -228,6 +238,9 @@ def main() -> None:
             # and within each replica, its engine's thread against Ray's and the fleet's threads
             cpu_use.setdefault(name, []).append({"wall_s": round(time.perf_counter() - t0, 2), **cpu_delta(c0, cpu_by_process()),
                                                  "replica_threads": [thread_split(a, b) for a, b in zip(th0, th1)]})
+        for got in (raw, own):
+            if len(got) <= k:
+                got.append(nan)
         print(f"round {k + 1}: " + "   ".join(f"replica {j}: all at once {base[-1][j]:7.0f} tok/s, fleet {fleet_rates[-1][j]:7.0f} "
                                               f"({fleet_rates[-1][j] / base[-1][j]:.3f}x; requests only "
                                               f"{raw[-1][j] / base[-1][j]:.3f}x; its engine's stream alone "
@@ -248,18 +261,31 @@ def main() -> None:
             f"replica {j}: engine thread {med('engine_thread_s', j):.2f} s, other threads {med('other_threads_s', j):.2f} s, "
             f"engine thread preempted {med('engine_thread_preempted', j):.0f} times" for j in range(args.replicas)))
     walls = {name: sum(r["wall_s"] for r in rounds) for name, rounds in cpu_use.items()}
+    walls.setdefault("requests only", float("nan"))
     print(f"the rounds end to end (both replicas, the driver's work included): all at once {walls['all at once']:.1f} s, "
           f"fleet {walls['fleet']:.1f} s ({walls['all at once'] / walls['fleet']:.3f}x the throughput), requests only "
           f"{walls['requests only']:.1f} s ({walls['all at once'] / walls['requests only']:.3f}x)")
+    # pooled over the rounds: each replica's mean fleet rate over its mean all-at-once rate, with the
+    # spread of the per-round ratios (one round's ratio on a shared VM says little: NOTES.md)
+    per_round = [[f[j] / b[j] for f, b in zip(fleet_rates, base)] for j in range(args.replicas)]
+    pooled = [statistics.fmean(f[j] for f in fleet_rates) / statistics.fmean(b[j] for b in base)
+              for j in range(args.replicas)]
+    for j in range(args.replicas):
+        q = sorted(per_round[j])
+        print(f"replica {j}: pooled fleet / all at once {pooled[j]:.3f} over {len(q)} rounds; per round "
+              f"min {q[0]:.3f}, quartiles {q[len(q) // 4]:.3f} / {q[(3 * len(q)) // 4]:.3f}, max {q[-1]:.3f}")
     raw_ratios = [statistics.median(f[j] / b[j] for f, b in zip(raw, base)) for j in range(args.replicas)]
     for j, r in enumerate(ratios):
         print(f"replica {j}: fleet / all at once over its share = {r:.3f}; the fleet on the prepared requests alone "
               f"(no rollout stage on the driver) {raw_ratios[j]:.3f} (medians of per-round ratios)")
     result = {"cpu": cpu, "replicas": args.replicas, "pinned": args.pin, "problems": args.problems, "shard": args.shard,
               "dtype": args.dtype, "all_at_once_tok_s": base, "fleet_tok_s": fleet_rates,
-              "ratio_per_replica": [round(r, 3) for r in ratios], "engine_start_s": round(start, 1),
-              "requests_only_tok_s": raw, "requests_only_ratio_per_replica": [round(r, 3) for r in raw_ratios],
-              "engine_stream_tok_s": own,
+              "ratio_per_replica": [round(r, 3) for r in ratios], "pooled_ratio_per_replica": [round(r, 3) for r in pooled],
+              "per_round_ratio": [[round(r, 3) for r in rs] for rs in per_round], "modes": [m[0] for m in modes],
+              "abba": args.abba, "engine_start_s": round(start, 1),
+              "requests_only_tok_s": raw if "requests only" in wanted else None,
+              "requests_only_ratio_per_replica": [round(r, 3) for r in raw_ratios] if "requests only" in wanted else None,
+              "engine_stream_tok_s": own if "engine stream" in wanted else None,
               "wall_ratio": round(walls["all at once"] / walls["fleet"], 3),
               "fleet_round_s": fleet_seconds, "driver_cpu_s": driver_cpu, "prefetch": args.prefetch, "linger_s": args.linger, "queue_s": args.queue, "cpu_seconds": cpu_use}
     fleet.close()
