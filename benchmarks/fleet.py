@@ -107,6 +107,8 @@ def recipe(out: Path, problems: Path, port: int | None, args) -> Path:
         "grade": {"workers": 1},
         "curate": {"max_traces_per_problem": 2},
     }
+    if args.topup:  # difficulty-aware sampling after grade, at its defaults
+        data["topup"] = {}
     if port is None:
         data.update(executor="ray", ray={"engine_replicas": args.replicas, "num_cpus": os.cpu_count(), "cpu_actors": 2})
     path = out.parent / f"{out.name}.yaml"
@@ -163,6 +165,15 @@ def factory_side(args, port: int | None, work: Path, n: int, name: str = "run") 
     else:
         sim = http(f"http://127.0.0.1:{port}/sim/stats") if port is not None else fleet_stats(out, args.slots)
     sim["stage_utilization"] = sim["tokens"] / args.rate / (sim.get("slots", args.slots * args.replicas) * ro["seconds"])
+    topup = m["stages"].get("topup")
+    if topup:  # the teacher's slots while the top-up's waves ran: busy slot-seconds are tokens / rate
+        slots = sim.get("slots", args.slots * args.replicas)
+        sim["topup"] = {"tokens": topup["generated_tokens"], "seconds": topup["seconds"],
+                        **topup.get("topup", {}),
+                        "utilization": topup["generated_tokens"] / args.rate / (slots * topup["seconds"])}
+        print(f"top-up: {topup['generated_tokens']} tokens in {topup['seconds']:.1f} s "
+              f"(ideal {topup['generated_tokens'] / args.rate / slots:.1f} s): utilization {sim['topup']['utilization']:.3f}",
+              flush=True)
     text_bytes = sum(os.path.getsize(p) for p in (out / "stages" / "rollout").glob("shard-*.parquet"))
     return {"wall": wall, "peak_rss": peak, "driver_peak_rss": driver, "sim": sim, "rollout": ro, "traces": ro["out"],
             "serve_cpu_seconds": ray_cpu,
@@ -289,6 +300,7 @@ def report(label: str, n: int, r: dict, slots: int, args) -> dict:
             "text_gb": round(r["text_bytes"] / 2**30, 3),
             "driver_cpu_ms_per_trace": round(1000 * cpu_ms / max(r["traces"], 1), 3) if cpu_ms is not None else None,
             **({"replica_utilization": sim["replica_utilization"]} if "replica_utilization" in sim else {}),
+            **({"topup": sim["topup"]} if "topup" in sim else {}),
             **({"serve_cpu_ms_per_trace": round(1000 * r["serve_cpu_seconds"] / max(r["traces"], 1), 3)}
                if r.get("serve_cpu_seconds") is not None else {})}
 
@@ -318,6 +330,8 @@ def main() -> None:
                          "the problems sent); the default: its defaults (1 actor, batches of 64) on 8 problems, "
                          "and the best found here (64 actors, batches of 8) on 512")
     ap.add_argument("--memory", action="store_true", help="peak RSS at N and 10N problems")
+    ap.add_argument("--topup", action="store_true",
+                    help="with the top-up stage at its defaults; its own utilization is reported apart")
     args = ap.parse_args()
     total = args.slots * (args.replicas if args.executor != "local" else 1)
     args.serve_ongoing = args.serve_ongoing or args.slots + args.slots // 4

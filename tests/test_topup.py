@@ -24,10 +24,13 @@ from factory import store
 from factory.run import pipeline
 from factory.stages import grade
 from factory.stages.rollout import RolloutConfig, rollout_table
+from factory.engines import make_engine
+from factory.run.topup_stream import topup_shards
 from factory.stages.topup import TopupConfig, topup_table
 
 from conftest import load
 from test_continuous import ROOT, products, recipe_data, sim  # noqa: F401  (sim: the fixture)
+from test_faults import set_faults
 
 TOPUP = {"min_pass_rate": 0.0, "max_pass_rate": 0.5, "target_correct": 3, "wave_size": 4, "max_samples": 16}
 
@@ -90,6 +93,42 @@ def test_topup_samples_only_the_band_and_keeps_first_k_pass_rates(sim, tmp_path)
     assert "of which the top-up" in card and f"{st['topup']['generated_tokens']:,} tokens" in card
 
 
+def test_streamed_waves_give_the_per_shard_stage(sim, tmp_path):  # noqa: F811
+    """The pipeline streams every shard's waves through one Engine.stream; each shard it wrote is
+    the one `topup_table` makes of the same graded shard with one engine call per wave: the same
+    traces in the same order, the same rejected rows, counts and tokens. Some samples fail for
+    good (the server answers 500 to a share of requests), so the rejected rows' order is checked."""
+    problems = problems_file(tmp_path / "problems.jsonl", 36)
+    out = tmp_path / "run"
+    data = with_topup(out, sim, problems)
+    data["engine"]["server"]["max_retries"] = 1
+    recipe = load(data)
+    set_faults(sim, fail_share=0.1)
+    try:
+        pipeline.run(recipe, log=lambda m: None)
+        graded, topped = store.StageDir(out, "grade"), store.StageDir(out, "topup")
+        engine = make_engine(recipe.engine, str(tmp_path / "reference"))  # its own journal: no answers reused
+        pool = grade.make_pool(recipe.grade)
+        try:
+            waves, failed = 0, 0
+            for i in range(graded.num_shards()):
+                want, rejected, stats = topup_table(graded.read_shard(i), recipe.topup, recipe.rollout, engine,
+                                                    recipe.grade, pool)
+                assert topped.read_shard(i).to_pylist() == want.to_pylist(), i
+                assert pq.read_table(topped.rejected_shard(i)).to_pylist() == rejected.to_pylist(), i
+                got = topped.stats(i)
+                assert "driver_cpu_seconds" in got  # written by the stream (topup_table's stats have none)
+                assert got["topup"] == stats["topup"], i
+                assert (got["generated_tokens"], got["prompt_tokens"]) == (stats["generated_tokens"], stats["prompt_tokens"])
+                waves += stats["topup"].get("wave_2", 0)
+                failed += rejected.num_rows
+        finally:
+            pool.close()
+    finally:
+        set_faults(sim, fail_share=0.0)
+    assert waves > 0 and failed > 0  # problems went through more than one wave; some samples failed
+
+
 def test_sigkill_in_the_topup_resumes_to_the_same_products(sim, tmp_path):  # noqa: F811
     problems = problems_file(tmp_path / "problems.jsonl", 60)
     clean = tmp_path / "clean"
@@ -142,6 +181,12 @@ def test_topup_on_the_in_process_engine(engine, tmp_path):
         band = TopupConfig(min_pass_rate=0.0, max_pass_rate=1.0, target_correct=6, wave_size=4, max_samples=12)
         out, rejected, stats = topup_table(graded, band, rollout, engine, cfg, pool)
         again, _, _ = topup_table(graded, band, rollout, engine, cfg, pool)
+        # the same waves streamed through the engine's own stream (the pipeline's path)
+        up = store.StageDir(tmp_path, "grade")
+        up.write_shard(0, graded, schema.table([], schema.REJECTED), {})
+        up.finish(1, {})
+        streamed = store.StageDir(tmp_path, "topup")
+        topup_shards(streamed, up, [0], band, rollout, cfg, engine, pool)
     finally:
         pool.close()
     correct = {}
@@ -152,3 +197,5 @@ def test_topup_on_the_in_process_engine(engine, tmp_path):
     assert stats["generated_tokens"] == sum(t["num_tokens"] for t in extra) > 0
     assert rejected.num_rows == 0
     assert [(t["trace_id"], t["text"]) for t in out.to_pylist()] == [(t["trace_id"], t["text"]) for t in again.to_pylist()]
+    assert streamed.read_shard(0).to_pylist() == out.to_pylist()
+    assert streamed.stats(0)["topup"] == stats["topup"]

@@ -280,6 +280,11 @@ class Runner:
             return fn
         raise ValueError(f"{name!r} is not a map stage")
 
+    def _streamed_topup(self) -> bool:
+        from factory.run.topup_stream import streamable
+
+        return streamable(self.recipe.rollout, self.engine)
+
     @property
     def grade_pool(self):
         if self._pool is None:
@@ -362,6 +367,13 @@ class Runner:
                                k, traces=traces, tokens=tokens, **more))
             if pending and hasattr(engine, "replicas"):  # an EngineFleet: what each replica did this launch
                 summary["replicas"] = engine.stats()
+        elif name == "topup" and pending and self._streamed_topup():  # every shard's waves in one stream
+            from factory.run.topup_stream import topup_shards
+
+            r = self.recipe
+            self.progress.begin(name, n, n - len(pending))
+            topup_shards(sd, upstream, pending, r.topup, r.rollout, r.grade, self.engine, self.grade_pool,
+                         on_shard=lambda stats: self.progress.advance(1, **shard_counts(stats)))
         else:
             self.progress.begin(name, n, n - len(pending))
             for i in pending:
