@@ -164,7 +164,8 @@ def factory_side(args, port: int | None, work: Path, n: int, name: str = "run") 
                "utilization": ro["generated_tokens"] / args.rate / (slots * ro["seconds"])}
     else:
         sim = http(f"http://127.0.0.1:{port}/sim/stats") if port is not None else fleet_stats(out, args.slots)
-    sim["stage_utilization"] = sim["tokens"] / args.rate / (sim.get("slots", args.slots * args.replicas) * ro["seconds"])
+    # the rollout stage's own tokens (the sim's count holds the top-up's too, when it ran)
+    sim["stage_utilization"] = ro["generated_tokens"] / args.rate / (sim.get("slots", args.slots * args.replicas) * ro["seconds"])
     topup = m["stages"].get("topup")
     if topup:  # the teacher's slots while the top-up's waves ran: busy slot-seconds are tokens / rate
         slots = sim.get("slots", args.slots * args.replicas)

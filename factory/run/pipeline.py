@@ -8,7 +8,8 @@ products are RUN/curriculum/, RUN/pairs/, RUN/rejected/<stage>/, RUN/difficulty.
 RUN/manifest.json. ingest, dedup and decontam are global (a duplicate can sit in any shard)
 and cut their output into shards; rewrite, rollout, grade, judge and score map over shards, so a
 killed run redoes at most the shards it was writing (topup, a map stage too, sends more samples
-to the problems the teacher rarely solves: factory.stages.topup). On the local executor rollout streams
+to the problems the teacher rarely solves: factory.stages.topup; its waves stream through one
+engine call over every pending shard, `factory.run.topup_stream`). On the local executor rollout streams
 every pending shard through one engine (`factory.run.continuous`: per-problem durability,
 no idle teacher at shard ends); executor=ray does the same over engine replica actors and maps
 grade and score shards over actors (`factory.run.ray_executor`). curate maps over the graded shards (a problem's traces are all
