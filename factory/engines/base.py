@@ -38,6 +38,11 @@ class Completion:
     max_tokens: int | None = None  # the budget it really had, when the engine had to shrink it to fit the context
     forced_answer: bool = False  # closed at the thinking budget and continued (rollout.max_think_tokens)
 
+    def as_tuple(self) -> tuple:
+        """The fields in order (`Completion(*t)` rebuilds it): how a completion crosses Ray and
+        is kept in a rollout's partial file. Not `dataclasses.astuple`, which deep-copies."""
+        return self.text, self.num_tokens, self.finish_reason, self.error, self.max_tokens, self.forced_answer
+
 
 @dataclass(frozen=True)
 class Request:

@@ -68,7 +68,7 @@ def unwire_request(t: tuple) -> Request:
 
 def wire_completion(c: Completion) -> tuple:
     """A completion as it crosses Ray: the Completion's fields in order."""
-    return c.text, c.num_tokens, c.finish_reason, c.error, c.max_tokens, c.forced_answer
+    return c.as_tuple()
 
 
 class Replica:

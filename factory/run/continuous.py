@@ -78,8 +78,7 @@ class PartialLog:
 
     @staticmethod
     def line(problem_id: str, completions: list[Completion]) -> bytes:
-        rec = {"problem_id": problem_id, "completions": [
-            [c.text, c.num_tokens, c.finish_reason, c.error, c.max_tokens, c.forced_answer] for c in completions]}
+        rec = {"problem_id": problem_id, "completions": [c.as_tuple() for c in completions]}
         return json.dumps(rec, ensure_ascii=False).encode() + b"\n"
 
     def append(self, problem_id: str, completions: list[Completion]) -> None:
