@@ -38,6 +38,7 @@ from factory.run.card import write_card
 from factory.run.products import build_manifest, failed_requests, link_rejected, merge_products, shard_counts
 from factory.run.progress import Progress
 from factory.run.report import summary
+from factory.run.topup_stream import streamable, topup_shards
 from factory.run.recipe import Recipe
 from factory.stages.judge import judge_table
 from factory.stages.rewrite import rewrite_table
@@ -281,11 +282,6 @@ class Runner:
             return fn
         raise ValueError(f"{name!r} is not a map stage")
 
-    def _streamed_topup(self) -> bool:
-        from factory.run.topup_stream import streamable
-
-        return streamable(self.recipe.rollout, self.engine)
-
     @property
     def grade_pool(self):
         if self._pool is None:
@@ -368,9 +364,7 @@ class Runner:
                                k, traces=traces, tokens=tokens, **more))
             if pending and hasattr(engine, "replicas"):  # an EngineFleet: what each replica did this launch
                 summary["replicas"] = engine.stats()
-        elif name == "topup" and pending and self._streamed_topup():  # every shard's waves in one stream
-            from factory.run.topup_stream import topup_shards
-
+        elif name == "topup" and pending and streamable(self.recipe.rollout):  # every shard's waves in one stream
             r = self.recipe
             self.progress.begin(name, n, n - len(pending))
             topup_shards(sd, upstream, pending, r.topup, r.rollout, r.grade, self.engine, self.grade_pool,

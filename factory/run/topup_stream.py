@@ -138,9 +138,10 @@ class StreamedTopup:
         self.on_shard(stats)
 
 
-def streamable(rollout: RolloutConfig, engine: Engine) -> bool:
-    """Whether the top-up can go through `engine.stream` (else: `topup_table` per shard)."""
-    return rollout.max_think_tokens is None and hasattr(engine, "stream")
+def streamable(rollout: RolloutConfig) -> bool:
+    """Whether the top-up's waves can stream (else: `topup_table` per shard): not with a
+    thinking budget, whose second phase the stream does not send."""
+    return rollout.max_think_tokens is None
 
 
 def topup_shards(sd: store.StageDir, upstream: store.StageDir, shards: list[int], cfg: TopupConfig,
