@@ -30,7 +30,7 @@ def test_cut_down_demo(tmp_path):
     recipe = demo.load_recipe(ROOT / "recipes" / "demo.yaml", [
         f"pipeline.run.output_dir={run}", "pipeline.run.progress=false", f"pipeline.ingest.paths=[{train}]",
         f"eval.ingest.paths=[{held}]", "eval.rollout.num_traces=2", "eval.eval.k=[1,2]", "eval.run.progress=false",
-        "sft.data.order.epochs=1", f"demo.problems=[{train}]"])
+        "sft.data.order.epochs=1", f"demo.problems=[{train}]", "demo.unfiltered_control=true"])
     summary = demo.run_demo(recipe, log=lambda m: None)
     assert summary["manifest"]["rollout"]["out"] == 48 * 8
     assert set(summary["eval"]) == {"student-base", "student-sft", "student-sft-unfiltered", "student-dpo"}
