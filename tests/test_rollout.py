@@ -93,3 +93,18 @@ def test_engine_processes_follow_the_device():
     assert use_engine_process(None, cuda=False, others_here=1) is True
     with pytest.raises(ValueError, match="another vLLM engine already runs in this process"):
         use_engine_process(False, cuda=False, others_here=1)
+
+
+def test_an_engine_start_on_a_cpu_reads_the_model_class_in_this_process():
+    import os
+
+    from vllm.model_executor.models import registry
+
+    from factory.engines.inprocess import inspect_here
+
+    original = registry._run_in_subprocess
+    with inspect_here(cuda=False):  # no CUDA to keep out of this process: no second Python
+        assert registry._run_in_subprocess(os.getpid) == os.getpid()
+    assert registry._run_in_subprocess is original
+    with inspect_here(cuda=True):  # with CUDA, vLLM's own child process
+        assert registry._run_in_subprocess is original

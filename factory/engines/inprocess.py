@@ -54,6 +54,28 @@ def release_engine_process(own: bool | None) -> None:
 
 
 @contextlib.contextmanager
+def inspect_here(cuda: bool):
+    """Let vLLM read a model class's capabilities in this process. Unless its cache under
+    VLLM_CACHE_ROOT/modelinfos has them, vLLM 0.32 runs that in a fresh Python
+    (`registry._run_in_subprocess`) so that the caller never initializes CUDA; on a fresh 2-core
+    CPU machine the child spends ~15 s importing vllm and torch again, once per machine and
+    architecture. Without CUDA there is nothing to protect, and the engine imports the class
+    anyway, so here the function runs in this process (vLLM still writes its cache). Where the
+    installed vLLM has no such function, nothing changes."""
+    from vllm.model_executor.models import registry
+
+    original = getattr(registry, "_run_in_subprocess", None)
+    if cuda or original is None:
+        yield
+        return
+    registry._run_in_subprocess = lambda fn: fn()
+    try:
+        yield
+    finally:
+        registry._run_in_subprocess = original
+
+
+@contextlib.contextmanager
 def engine_start(requested: bool | None, cuda: bool):
     """Around an engine's construction: tell vLLM whether to spawn its engine core and worker
     (VLLM_ENABLE_V1_MULTIPROCESSING; on a CPU, 0 also keeps the worker in this process) and
@@ -71,7 +93,8 @@ def engine_start(requested: bool | None, cuda: bool):
     if not own:
         _IN_THIS_PROCESS += 1
     try:
-        yield own
+        with inspect_here(cuda):
+            yield own
     except BaseException:
         release_engine_process(own)
         raise
