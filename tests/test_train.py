@@ -118,6 +118,13 @@ def test_staged_repeats_the_hard_stage(tmp_path, full_run, teacher_dir):
     assert seen(out) == ids + hard
 
 
+def test_the_order_maps_onto_the_rows_trl_tokenized():
+    kept, order = ["a", "b", "c"], [0, 1, 2, 2, 0, 1]
+    assert train.in_order(kept, kept, order) == order  # each row tokenized once, then put in order
+    # a row TRL dropped leaves the order; the others keep their places
+    assert train.in_order(["a", "c"], kept, order) == [0, 1, 1, 0]
+
+
 def test_pacing_draws_from_a_growing_easy_prefix(tmp_path, full_run, teacher_dir):
     cur = curriculum(full_run[0])
     rank = {t: i for i, t in enumerate(cur.column("trace_id").to_pylist())}

@@ -399,20 +399,37 @@ def plan(kind: str, recipe: SFTRecipe | DPORecipe, log: Callable[[str], None] = 
     return Plan(kind, data, kept, too_long, lengths, order, tokenizer, args, report)
 
 
+def in_order(tokenized: list[str], kept: list[str], order: list[int]) -> list[int]:
+    """The planned order (positions in the kept rows) as positions in TRL's tokenized rows, which
+    are the kept rows less any TRL dropped (matched by trace id)."""
+    if tokenized == kept:
+        return order
+    where = {t: i for i, t in enumerate(tokenized)}
+    return [where[kept[k]] for k in order if kept[k] in where]
+
+
 def build_trainer(recipe: SFTRecipe | DPORecipe, p: Plan):
     """TRL's trainer over the planned order, its collator wrapped by the order log."""
     import datasets
 
     kind, ids = p.kind, ID_COLUMNS[p.kind]
-    ds = datasets.Dataset(p.kept.select(TEXT_COLUMNS[kind] + ids)).select(p.order)
+    used = sorted(set(p.order))  # the rows the order shows (max_steps may stop it early), each once
+    at = {k: i for i, k in enumerate(used)}
+    table = p.kept.select(TEXT_COLUMNS[kind] + ids).take(used)
+    rows, order = datasets.Dataset(table), [at[k] for k in p.order]
     model = load_model(recipe.model)
     p.report["trainable"] = restrict_training(model, recipe.model)
     lora = peft_config(recipe.model.lora)
     if kind == "sft":
         from trl import SFTTrainer
 
-        trainer = SFTTrainer(model=model, args=p.args, train_dataset=ds, processing_class=p.tokenizer,
+        # TRL tokenizes each row once, then the rows are put in the planned order: an order of
+        # several passes (2.375 in the demo) would otherwise be tokenized pass by pass. A row TRL
+        # drops (one left without a completion token) leaves the order, as it would have anyway
+        trainer = SFTTrainer(model=model, args=p.args, train_dataset=rows, processing_class=p.tokenizer,
                              peft_config=lora)
+        trainer.train_dataset = trainer.train_dataset.select(in_order(trainer.train_dataset["trace_id"],
+                                                                      table.column("trace_id").to_pylist(), order))
     else:
         from trl import DPOTrainer
 
@@ -421,7 +438,7 @@ def build_trainer(recipe: SFTRecipe | DPORecipe, p: Plan):
             ref_path = recipe.dpo.ref_model or recipe.model.path
             ref = load_model(ModelConfig(**{**recipe.model.__dict__, "path": ref_path}))
         p.report["ref_model"] = "base with adapters disabled" if lora else str(recipe.dpo.ref_model or recipe.model.path)
-        trainer = DPOTrainer(model=model, ref_model=ref, args=p.args, train_dataset=ds,
+        trainer = DPOTrainer(model=model, ref_model=ref, args=p.args, train_dataset=rows.select(order),
                              processing_class=p.tokenizer, peft_config=lora)
     out, rank = Path(recipe.train.output_dir), trainer.args.process_index
     order_log = OrderLog(trainer.data_collator, out / ("order.jsonl" if rank == 0 else f"order.rank{rank}.jsonl"),
