@@ -36,9 +36,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
-from prm import context, likelihood
+# torch and prm.likelihood (which needs torch) are imported where a scorer is built or reads: the
+# recipe's loader imports this module for PRMConfig, and every CLI start would pay torch's ~2 s
+from prm import context
 from prm.steps import cut_step
 from prm.windows import Window, least_context, plan_windows
 
@@ -135,6 +135,8 @@ class PRMScorer:
             raise ValueError(f"{key}.window_read_factor={cfg.window_read_factor}: windows read each step at least "
                              "once, so it is 1 or more")
         self.cfg = cfg
+        import torch
+
         self.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if tokenizer is None:
             from transformers import AutoTokenizer
@@ -148,6 +150,8 @@ class PRMScorer:
                                         f"from the hub ({str(e).splitlines()[0]})") from None
         self.tokenizer = tokenizer
         if cfg.family == "likelihood":
+            from prm import likelihood
+
             self.head = likelihood.Head.load(cfg.model)
         elif cfg.family == "classification":
             self.tag_id = _single_token(tokenizer, cfg.step_separator, "step_separator")
@@ -223,6 +227,8 @@ class PRMScorer:
         """Each trace's ids and its steps' spans: a step ends at its tag (classification, lm),
         or where its tokens end (likelihood). Tags miscounted give fewer or more spans."""
         if self.cfg.family == "likelihood":
+            from prm import likelihood
+
             return likelihood.encode_many(self.tokenizer, self.head.rendering, items)
         out = []
         for q, steps in items:
@@ -234,10 +240,15 @@ class PRMScorer:
 
     # -- reading -----------------------------------------------------------------------------
 
-    @torch.no_grad()
     def step_probabilities(self, batch: list[list[int]]) -> torch.Tensor:
         """Per token, the probability that the step ending there is correct: [B, T] float32
         (transformers backend)."""
+        import torch
+
+        with torch.no_grad():
+            return self._step_probabilities(batch, torch)
+
+    def _step_probabilities(self, batch: list[list[int]], torch) -> torch.Tensor:
         width = max(len(ids) for ids in batch)
         input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(batch), width), dtype=torch.long)
@@ -254,6 +265,8 @@ class PRMScorer:
         """For each (window's encoding, indexes of the steps it scores), per scored step: its
         probability (classification, lm) or its own likelihood features. Batched by length."""
         if self.cfg.family == "likelihood":
+            from prm import likelihood
+
             got = likelihood.surprise(self.model, [ids for (ids, _), _ in windows], self.cfg.batch_size,
                                       self.pad_id, self.device)
             return [likelihood.own_features(logp, margin, [spans[k] for k in which])
@@ -292,6 +305,8 @@ class PRMScorer:
     def score(self, items: list[tuple[str, list[str]]], cut: bool | None = None) -> list[StepScores]:
         """Scores for each (question, steps); order of the results = order of `items`. `cut`:
         read steps too long for the context in pieces (default: cfg.cut_long_steps)."""
+        from prm import likelihood
+
         cut = self.cfg.cut_long_steps if cut is None else cut
         encoded = self._encode_many(items)
         results: list[StepScores | None] = [None] * len(items)
