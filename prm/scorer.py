@@ -34,7 +34,7 @@ that off, such a trace comes back unscored too.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # torch and prm.likelihood (which needs torch) are imported where a scorer is built or reads: the
 # recipe's loader imports this module for PRMConfig, and every CLI start would pay torch's ~2 s
@@ -88,6 +88,9 @@ class PRMConfig:
     """cuda, cpu, ...; None: cuda when available."""
     trust_remote_code: bool = False
     """Needed for PRMs shipped with their own modelling code (Qwen2.5-Math-PRM's hub repo)."""
+    extra: dict = field(default_factory=dict)
+    """backend vllm: more keyword arguments for vLLM's LLM (enforce_eager, gpu_memory_utilization,
+    tensor_parallel_size, ...), as engine.extra is for the teacher."""
 
 
 @dataclass
@@ -186,7 +189,8 @@ class PRMScorer:
             tokens = ([self.tokenizer.convert_ids_to_tokens(t) for t in (self.good_id, self.bad_id)]
                       if c.family == "lm" else None)
             return VLLMTokenClassifier(c.model, self.tag_id, self.max_length, dtype=c.dtype,
-                                       trust_remote_code=c.trust_remote_code, classifier_from_tokens=tokens)
+                                       trust_remote_code=c.trust_remote_code, classifier_from_tokens=tokens,
+                                       extra=c.extra)
         from transformers import AutoModel, AutoModelForCausalLM, AutoModelForTokenClassification
 
         kw = {"dtype": c.dtype, "trust_remote_code": c.trust_remote_code}

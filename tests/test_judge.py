@@ -84,7 +84,9 @@ def test_judge_stage_end_to_end(tmp_path, sim):  # noqa: F811
     data["judge"] = {"model": str(JUDGE), "verdicts": ["wrong"], "max_tokens": 12, "template": tiny.JUDGE_PROMPT,
                      "yes_pattern": r"\byes\W*$", "no_pattern": r"\bno\W*$"}
     recipe.write_text(yaml.safe_dump(data))
-    judge = VLLMEngine(EngineConfig(model=str(JUDGE), max_model_len=128, cpu_kv_cache_space_gb=1, dtype="float32"))
+    # eager: no torch.compile at start (~15 s against 25-40 s here); the session's engine covers compiled
+    judge = VLLMEngine(EngineConfig(model=str(JUDGE), max_model_len=128, cpu_kv_cache_space_gb=1, dtype="float32",
+                                    enforce_eager=True))
     try:
         manifest = run_recipe(load_recipe(recipe), judge=judge)
     finally:

@@ -259,7 +259,9 @@ def test_vllm_pooling_backend_reads_long_traces_as_transformers_does(name, tmp_p
     rows = long_traces((3, 40, 300))
     items = [(r["question"], split_steps(r["reasoning"], SplitConfig())[0]) for r in rows]
     ref = PRMScorer(cfg).score(items)
-    scorer = PRMScorer(PRMConfig(**{**cfg.__dict__, "backend": "vllm"}))
+    # eager (score.prm.extra, passed to vLLM's LLM): no torch.compile at start; the teacher's engine covers compiled
+    scorer = PRMScorer(PRMConfig(**{**cfg.__dict__, "backend": "vllm", "extra": {"enforce_eager": True}}))
+    assert scorer.model.llm.llm_engine.vllm_config.model_config.enforce_eager
     try:
         got = scorer.score(items)
     finally:

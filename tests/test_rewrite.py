@@ -75,7 +75,7 @@ def rewriter(tmp_path_factory, engine_config):
     from factory.engines.inprocess import VLLMEngine
 
     path = tiny.build_addition_rewriter(tmp_path_factory.mktemp("models") / "rewriter")
-    eng = VLLMEngine(replace(engine_config, model=str(path)))
+    eng = VLLMEngine(replace(engine_config, model=str(path), enforce_eager=True))  # eager: a faster start
     yield eng
     eng.close()
 

@@ -79,7 +79,7 @@ def test_sft_output_loads_in_vllm_and_evaluates(sft_sorted, tmp_path, problems_f
     proc = subprocess.run(
         [sys.executable, "-m", "factory.cli", "eval", str(ROOT / "recipes" / "toy_addition_eval.yaml"),
          f"engine.model={out}", f"run.output_dir={ev}", f"ingest.paths=[{small}]", "rollout.num_traces=4",
-         "eval.k=[1,4]", "run.progress=false"],
+         "eval.k=[1,4]", "run.progress=false", "engine.enforce_eager=true"],  # eager: a faster start
         cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((ev / "eval.json").read_text())

@@ -298,6 +298,7 @@ class VLLMTokenClassifier:
         from vllm.config import PoolerConfig
 
         extra = dict(extra or {})
+        gpu_memory_utilization = extra.pop("gpu_memory_utilization", gpu_memory_utilization)  # the caller's word wins
         if not torch.cuda.is_available():
             extra.setdefault("enable_chunked_prefill", False)
         if classifier_from_tokens:
