@@ -68,8 +68,7 @@ def test_ray_executor_matches_local(tmp_path, engine, teacher_dir, problems_file
 
 def sim_recipe(out: Path, problems: Path, executor: str, address: str | None = None, rate: int = 100) -> dict:
     """The simulated teacher in-process: 3 replicas of 8 slots on Ray, or one of 24 locally
-    (traces of ~120 tokens at 100 tok/s per slot: a rollout of ~20 s, long enough that five
-    replica kills, each waiting for the last one's restart, fall inside the stream)."""
+    (traces of ~120 tokens at `rate` tok/s per slot: at 100 a rollout of ~20 s)."""
     data = recipe_data(out, "http://unused", problems)
     replicas = 3
     data["engine"] = {"backend": "sim", "model": "sim", "max_model_len": 2048,
@@ -115,7 +114,9 @@ def test_sigkill_of_the_driver_or_a_replica_resumes_to_the_local_products(tmp_pa
         # replicas killed while the run goes on: Ray restarts them, the driver re-sends their requests
         out = tmp_path / "replica-kills"
         recipe_path = tmp_path / "replica-kills.yaml"
-        recipe_path.write_text(yaml.safe_dump(sim_recipe(out, problems, "ray", address)))
+        # at 60 tok/s per slot the rollout takes ~33 s: five kills, each waiting for the last one's
+        # restart (2-5 s on 2 cores), fall inside the stream (a kill after its end is not seen)
+        recipe_path.write_text(yaml.safe_dump(sim_recipe(out, problems, "ray", address, rate=60)))
         proc, kills = launch(recipe_path), 0
         deadline = time.time() + 300
         while proc.poll() is None and time.time() < deadline and kills < 5:
@@ -124,7 +125,8 @@ def test_sigkill_of_the_driver_or_a_replica_resumes_to_the_local_products(tmp_pa
             time.sleep(rng.uniform(0.5, 2.0))
             rollout = out / "stages" / "rollout"
             alive = running_replicas()
-            if alive and rollout.exists() and not (rollout / "_complete.json").exists():
+            streaming = any(p.stat().st_size for p in rollout.glob("*.partial.jsonl")) or any(rollout.glob("*.done"))
+            if alive and streaming and not (rollout / "_complete.json").exists():  # a kill before the stream is not a loss
                 rng.choice(alive).send_signal(signal.SIGKILL)
                 kills += 1
         assert proc.wait(timeout=300) == 0
@@ -132,7 +134,7 @@ def test_sigkill_of_the_driver_or_a_replica_resumes_to_the_local_products(tmp_pa
         replicas = json.loads((out / "stages" / "rollout" / "_complete.json").read_text())["replicas"]
         # the losses the fleet saw (one killed again before it answered after its restart counts once)
         assert sum(r["restarts"] for r in replicas) >= 3, replicas
-        pipeline.run(load(sim_recipe(out, problems, "ray", address)), log=lambda m: None)  # the plain re-run
+        pipeline.run(load(sim_recipe(out, problems, "ray", address, rate=60)), log=lambda m: None)  # the plain re-run
         assert run_products(out) == expected
 
         # the driver killed at random moments (its replicas die with it), then a plain re-run
