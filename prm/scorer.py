@@ -249,17 +249,14 @@ class PRMScorer:
         (transformers backend)."""
         import torch
 
-        with torch.no_grad():
-            return self._step_probabilities(batch, torch)
-
-    def _step_probabilities(self, batch: list[list[int]], torch) -> torch.Tensor:
         width = max(len(ids) for ids in batch)
         input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(batch), width), dtype=torch.long)
         for i, ids in enumerate(batch):  # right padding: real tokens keep their positions
             input_ids[i, : len(ids)] = torch.tensor(ids)
             attention[i, : len(ids)] = 1
-        out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device))
+        with torch.no_grad():
+            out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device))
         logits = (out.logits if hasattr(out, "logits") else out[0]).float()
         if self.cfg.family == "classification":
             return logits.softmax(-1)[..., self.cfg.positive_label].cpu()
