@@ -83,6 +83,17 @@ def launch(recipe_path: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def partial_bytes(stage: Path) -> int:
+    """Bytes in a stage's partial files; one sealed (removed) while this looks counts nothing."""
+    total = 0
+    for p in stage.glob("*.partial.jsonl"):
+        try:
+            total += p.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
 def running_replicas() -> list[psutil.Process]:
     """The engine replica actors of this test's Ray instance (its processes are this process's
     descendants) that have started (Ray titles one still starting `ray::Replica.__init__`)."""
@@ -125,7 +136,7 @@ def test_sigkill_of_the_driver_or_a_replica_resumes_to_the_local_products(tmp_pa
             time.sleep(rng.uniform(0.5, 2.0))
             rollout = out / "stages" / "rollout"
             alive = running_replicas()
-            streaming = any(p.stat().st_size for p in rollout.glob("*.partial.jsonl")) or any(rollout.glob("*.done"))
+            streaming = any(rollout.glob("*.done")) or partial_bytes(rollout) > 0
             if alive and streaming and not (rollout / "_complete.json").exists():  # a kill before the stream is not a loss
                 rng.choice(alive).send_signal(signal.SIGKILL)
                 kills += 1
@@ -144,7 +155,7 @@ def test_sigkill_of_the_driver_or_a_replica_resumes_to_the_local_products(tmp_pa
         stages, kills = out / "stages", 0
 
         def progress():  # problems durable, shards sealed or graded
-            return tuple((len(list(d.glob("*.done"))), sum(p.stat().st_size for p in d.glob("*.partial.jsonl")))
+            return tuple((len(list(d.glob("*.done"))), partial_bytes(d))
                          for d in (stages / "rollout", stages / "grade"))
 
         for _ in range(8):
