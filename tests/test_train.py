@@ -159,6 +159,33 @@ def test_loss_is_on_the_completion_only(tmp_path, full_run, teacher_dir):
     assert p.tokenizer.decode(row["input_ids"][n_prompt:]).startswith("<think>")
 
 
+def test_rows_trl_drops_are_counted_and_listed(tmp_path, full_run, teacher_dir):
+    """TRL drops a row its truncation leaves without a completion token; the plan's lengths keep
+    that from happening, so here TRL is handed a shorter max_length than the plan measured."""
+    recipe = sft_recipe(tmp_path / "short", full_run[0], teacher_dir)
+    p = train.plan("sft", recipe, log=lambda m: None)
+    ids = p.kept.column("trace_id").to_pylist()
+    # the toy prompts are all as long: every third gets a longer question
+    chats = [[{**m, "content": m["content"] + " Think it over."} if i % 3 == 0 and m["role"] == "user" else m
+              for m in chat] for i, chat in enumerate(p.kept.column("prompt").to_pylist())]
+    p.kept = p.kept.set_column(p.kept.schema.get_field_index("prompt"), "prompt",
+                               pa.array(chats, type=p.kept.schema.field("prompt").type))
+    prompts = [len(p.tokenizer(p.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                               add_special_tokens=False)["input_ids"]) for m in chats]
+    cut = max(prompts)  # rows whose prompt alone fills max_length lose every label
+    gone = {t for t, n in zip(ids, prompts) if n >= cut}
+    assert 0 < len(gone) < len(ids)
+    p.args.max_length = cut
+    trainer = train.build_trainer(recipe, p)
+    assert set(p.dropped_by_trl) == gone and p.report["lengths"]["dropped_by_trl"] == len(gone)
+    assert not gone & set(trainer.train_dataset["trace_id"])
+    (tmp_path / "short").mkdir(exist_ok=True)
+    train.write_dropped(p, tmp_path / "short")
+    listed = [json.loads(l) for l in (tmp_path / "short" / "dropped_too_long.jsonl").read_text().splitlines()]
+    assert {d["trace_id"] for d in listed} == gone
+    assert {d["drop_reason"] for d in listed} == {"no_completion_token_after_trl_truncation"}
+
+
 def test_resume_continues_the_order(tmp_path, full_run, teacher_dir):
     """Stopped after 10 steps (with a checkpoint at 10), the re-run resumes and sees each row once."""
     out = tmp_path / "resumed"

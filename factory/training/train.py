@@ -370,6 +370,7 @@ class Plan:
     tokenizer: object
     args: object  # TRL's SFTConfig / DPOConfig
     report: dict
+    dropped_by_trl: list[str] = field(default_factory=list)  # trace ids TRL left out (set by build_trainer)
 
 
 def plan(kind: str, recipe: SFTRecipe | DPORecipe, log: Callable[[str], None] = console.say) -> Plan:
@@ -425,11 +426,18 @@ def build_trainer(recipe: SFTRecipe | DPORecipe, p: Plan):
 
         # TRL tokenizes each row once, then the rows are put in the planned order: an order of
         # several passes (2.375 in the demo) would otherwise be tokenized pass by pass. A row TRL
-        # drops (one left without a completion token) leaves the order, as it would have anyway
+        # drops (its truncation left it without a completion token: the plan's lengths keep this
+        # from happening, unless TRL counts tokens otherwise) leaves the order, and is counted in
+        # the report and listed with its reason in dropped_too_long.jsonl
         trainer = SFTTrainer(model=model, args=p.args, train_dataset=rows, processing_class=p.tokenizer,
                              peft_config=lora)
-        trainer.train_dataset = trainer.train_dataset.select(in_order(trainer.train_dataset["trace_id"],
-                                                                      table.column("trace_id").to_pylist(), order))
+        tokenized, planned = trainer.train_dataset["trace_id"], table.column("trace_id").to_pylist()
+        p.dropped_by_trl = sorted(set(planned) - set(tokenized))
+        p.report["lengths"]["dropped_by_trl"] = len(p.dropped_by_trl)
+        if p.dropped_by_trl:
+            console.say(f"sft: TRL left out {len(p.dropped_by_trl)} rows with no completion token after its "
+                        f"truncation to max_length={p.args.max_length} (listed in dropped_too_long.jsonl)")
+        trainer.train_dataset = trainer.train_dataset.select(in_order(tokenized, planned, order))
     else:
         from trl import DPOTrainer
 
@@ -448,6 +456,17 @@ def build_trainer(recipe: SFTRecipe | DPORecipe, p: Plan):
     if console.log_path() is not None:  # the terminal is quiet: show the steps there
         trainer.add_callback(ConsoleProgress(f"{kind} {Path(recipe.train.output_dir).name}"))
     return trainer
+
+
+def write_dropped(p: Plan, out: Path) -> None:
+    """out/dropped_too_long.jsonl: every row left out of training, with its reason."""
+    ids = ID_COLUMNS[p.kind]
+    with open(out / "dropped_too_long.jsonl", "w") as f:
+        for i in p.too_long:
+            f.write(json.dumps({c: p.data.column(c)[i].as_py() for c in ids} | {
+                "tokens": p.lengths[i], "drop_reason": "longer_than_max_length"}) + "\n")
+        for trace_id in p.dropped_by_trl:
+            f.write(json.dumps({"trace_id": trace_id, "drop_reason": "no_completion_token_after_trl_truncation"}) + "\n")
 
 
 def train(kind: str, recipe: SFTRecipe | DPORecipe, dry_run: bool = False, log: Callable[[str], None] = console.say) -> dict:
@@ -475,11 +494,7 @@ def train(kind: str, recipe: SFTRecipe | DPORecipe, dry_run: bool = False, log: 
         if recipe.model.lora.enabled:  # a plain model, so vLLM loads it without peft
             trainer.model.merge_and_unload().save_pretrained(out)
         p.tokenizer.save_pretrained(out)
-        ids = ID_COLUMNS[kind]
-        with open(out / "dropped_too_long.jsonl", "w") as f:
-            for i in p.too_long:
-                f.write(json.dumps({c: p.data.column(c)[i].as_py() for c in ids} | {
-                    "tokens": p.lengths[i], "drop_reason": "longer_than_max_length"}) + "\n")
+        write_dropped(p, out)
         p.report.update(
             trl_args=json.loads(p.args.to_json_string()), packages=package_versions(),
             metrics=result.metrics, log_history=trainer.state.log_history, resumed_from=resume,
