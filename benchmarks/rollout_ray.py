@@ -114,6 +114,33 @@ def thread_times(_engine=None) -> dict[int, tuple[float, int]]:
     return out
 
 
+def gc_clock(engine) -> dict:
+    """In a replica: the garbage collector's seconds and collections so far, by generation (a
+    clock installed on first call, kept on the engine object: this module is pickled by value, a
+    fresh copy per call)."""
+    import gc
+
+    clock = getattr(engine, "_gc_clock", None)
+    if clock is None:
+        clock = engine._gc_clock = {"s": [0.0, 0.0, 0.0], "n": [0, 0, 0], "t0": [0.0]}
+
+        def tick(phase, info, clock=clock):
+            if phase == "start":
+                clock["t0"][0] = time.perf_counter()
+            else:
+                g = info["generation"]
+                clock["s"][g] += time.perf_counter() - clock["t0"][0]
+                clock["n"][g] += 1
+
+        gc.callbacks.append(tick)
+    return {"s": list(clock["s"]), "n": list(clock["n"])}
+
+
+def gc_split(before: dict, after: dict) -> dict:
+    return {"gc_s": round(sum(after["s"]) - sum(before["s"]), 3),
+            "gc_gen2": after["n"][2] - before["n"][2], "gc_gen2_s": round(after["s"][2] - before["s"][2], 3)}
+
+
 def thread_split(before: dict, after: dict) -> dict:
     """The busiest thread over a span (the engine's) against the rest of its process."""
     delta = {t: (after[t][0] - before.get(t, (0.0, 0))[0], after[t][1] - before.get(t, (0.0, 0))[1]) for t in after}
@@ -232,12 +259,15 @@ def main() -> None:
         for name, side, got in (modes[::-1] if args.abba and k % 2 else modes):
             c0, t0 = cpu_by_process(), time.perf_counter()
             th0 = ray.get([r.call.remote(thread_times) for r in fleet.replicas])
+            g0 = ray.get([r.call.remote(gc_clock) for r in fleet.replicas])
             got.append(side())
+            g1 = ray.get([r.call.remote(gc_clock) for r in fleet.replicas])
             th1 = ray.get([r.call.remote(thread_times) for r in fleet.replicas])
             # where the cores went during the round (the replicas are the ray::Replica processes),
             # and within each replica, its engine's thread against Ray's and the fleet's threads
             cpu_use.setdefault(name, []).append({"wall_s": round(time.perf_counter() - t0, 2), **cpu_delta(c0, cpu_by_process()),
-                                                 "replica_threads": [thread_split(a, b) for a, b in zip(th0, th1)]})
+                                                 "replica_threads": [thread_split(a, b) | gc_split(c, d)
+                                                                     for a, b, c, d in zip(th0, th1, g0, g1)]})
         for got in (raw, own):
             if len(got) <= k:
                 got.append(nan)
@@ -259,7 +289,8 @@ def main() -> None:
         med = lambda key, j: statistics.median(r["replica_threads"][j][key] for r in rounds)
         print(f"replica threads, {name} (medians over rounds): " + "; ".join(
             f"replica {j}: engine thread {med('engine_thread_s', j):.2f} s, other threads {med('other_threads_s', j):.2f} s, "
-            f"engine thread preempted {med('engine_thread_preempted', j):.0f} times" for j in range(args.replicas)))
+            f"engine thread preempted {med('engine_thread_preempted', j):.0f} times, garbage collector "
+            f"{med('gc_s', j):.2f} s ({med('gc_gen2', j):.0f} full collections)" for j in range(args.replicas)))
     walls = {name: sum(r["wall_s"] for r in rounds) for name, rounds in cpu_use.items()}
     walls.setdefault("requests only", float("nan"))
     print(f"the rounds end to end (both replicas, the driver's work included): all at once {walls['all at once']:.1f} s, "
