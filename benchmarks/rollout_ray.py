@@ -35,6 +35,7 @@ one CPU each), timed end to end with its engines' start (`ray_data_llm` says whi
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
 import os
@@ -110,7 +111,8 @@ def thread_times(_engine=None) -> dict[int, tuple[float, int]]:
         except OSError:  # a thread that ended meanwhile
             continue
         switches = int(status.split("nonvoluntary_ctxt_switches:")[1].split()[0])
-        out[int(tid)] = ((int(stat[11]) + int(stat[12])) / tick, switches)
+        name = status.split("Name:", 1)[1].split("\n", 1)[0].strip()
+        out[int(tid)] = ((int(stat[11]) + int(stat[12])) / tick, switches, name)
     return out
 
 
@@ -145,8 +147,13 @@ def thread_split(before: dict, after: dict) -> dict:
     """The busiest thread over a span (the engine's) against the rest of its process."""
     delta = {t: (after[t][0] - before.get(t, (0.0, 0))[0], after[t][1] - before.get(t, (0.0, 0))[1]) for t in after}
     top = max(delta, key=lambda t: delta[t][0])
+    others = collections.Counter()  # the rest by thread name (Ray's threads are named by role)
+    for t, d in delta.items():
+        if t != top and d[0] > 0:
+            others[after[t][2]] += d[0]
     return {"engine_thread_s": round(delta[top][0], 2), "other_threads_s": round(sum(d[0] for t, d in delta.items() if t != top), 2),
-            "engine_thread_preempted": delta[top][1]}
+            "engine_thread_preempted": delta[top][1],
+            "other_threads_by_name": {k: round(v, 2) for k, v in others.most_common(6)}}
 
 
 def pin_process(cores: list[int]) -> list[int]:
