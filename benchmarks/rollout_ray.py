@@ -76,6 +76,13 @@ def cpu_by_process() -> dict[str, float]:
     return out
 
 
+def stolen_s() -> float:
+    """CPU seconds the hypervisor gave to others so far, all cores together (/proc/stat's steal):
+    what a round lost to the VM's neighbours, not to anything it ran."""
+    fields = open("/proc/stat").readline().split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_delta(before: dict, after: dict) -> dict:
     return {k: round(after[k] - before.get(k, 0.0), 2) for k in after if after[k] - before.get(k, 0.0) >= 0.05}
 
@@ -264,7 +271,7 @@ def main() -> None:
     nan = [float("nan")] * args.replicas
     for k in range(args.rounds):
         for name, side, got in (modes[::-1] if args.abba and k % 2 else modes):
-            c0, t0 = cpu_by_process(), time.perf_counter()
+            c0, t0, st0 = cpu_by_process(), time.perf_counter(), stolen_s()
             th0 = ray.get([r.call.remote(thread_times) for r in fleet.replicas])
             g0 = ray.get([r.call.remote(gc_clock) for r in fleet.replicas])
             got.append(side())
@@ -272,7 +279,8 @@ def main() -> None:
             th1 = ray.get([r.call.remote(thread_times) for r in fleet.replicas])
             # where the cores went during the round (the replicas are the ray::Replica processes),
             # and within each replica, its engine's thread against Ray's and the fleet's threads
-            cpu_use.setdefault(name, []).append({"wall_s": round(time.perf_counter() - t0, 2), **cpu_delta(c0, cpu_by_process()),
+            cpu_use.setdefault(name, []).append({"wall_s": round(time.perf_counter() - t0, 2), "stolen_s": round(stolen_s() - st0, 2),
+                                                 **cpu_delta(c0, cpu_by_process()),
                                                  "replica_threads": [thread_split(a, b) | gc_split(c, d)
                                                                      for a, b, c, d in zip(th0, th1, g0, g1)]})
         for got in (raw, own):
@@ -298,6 +306,9 @@ def main() -> None:
             f"replica {j}: engine thread {med('engine_thread_s', j):.2f} s, other threads {med('other_threads_s', j):.2f} s, "
             f"engine thread preempted {med('engine_thread_preempted', j):.0f} times, garbage collector "
             f"{med('gc_s', j):.2f} s ({med('gc_gen2', j):.0f} full collections)" for j in range(args.replicas)))
+    for name, rounds in cpu_use.items():
+        print(f"stolen by the hypervisor, {name}: " + ", ".join(f"{r['stolen_s']:.2f}" for r in rounds)
+              + " CPU-s per round (both cores)")
     walls = {name: sum(r["wall_s"] for r in rounds) for name, rounds in cpu_use.items()}
     walls.setdefault("requests only", float("nan"))
     print(f"the rounds end to end (both replicas, the driver's work included): all at once {walls['all at once']:.1f} s, "
