@@ -183,6 +183,8 @@ def test_rows_trl_drops_are_counted_and_listed(tmp_path, full_run, teacher_dir):
     train.write_dropped(p, tmp_path / "short")
     listed = [json.loads(l) for l in (tmp_path / "short" / "dropped_too_long.jsonl").read_text().splitlines()]
     assert {d["trace_id"] for d in listed} == gone
+    problem_of = dict(zip(ids, p.kept.column("problem_id").to_pylist()))
+    assert all(d["problem_id"] == problem_of[d["trace_id"]] for d in listed)
     assert {d["drop_reason"] for d in listed} == {"no_completion_token_after_trl_truncation"}
 
 

@@ -465,8 +465,11 @@ def write_dropped(p: Plan, out: Path) -> None:
         for i in p.too_long:
             f.write(json.dumps({c: p.data.column(c)[i].as_py() for c in ids} | {
                 "tokens": p.lengths[i], "drop_reason": "longer_than_max_length"}) + "\n")
+        if p.dropped_by_trl:
+            problem_of = dict(zip(p.kept.column("trace_id").to_pylist(), p.kept.column("problem_id").to_pylist()))
         for trace_id in p.dropped_by_trl:
-            f.write(json.dumps({"trace_id": trace_id, "drop_reason": "no_completion_token_after_trl_truncation"}) + "\n")
+            f.write(json.dumps({"problem_id": problem_of[trace_id], "trace_id": trace_id,
+                                "drop_reason": "no_completion_token_after_trl_truncation"}) + "\n")
 
 
 def train(kind: str, recipe: SFTRecipe | DPORecipe, dry_run: bool = False, log: Callable[[str], None] = console.say) -> dict:
