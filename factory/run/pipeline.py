@@ -265,8 +265,8 @@ class Runner:
             return lambda t: topup_table(t, r.topup, r.rollout, self.engine, r.grade, self.grade_pool)
         if name == "judge":
             def fn(t: pa.Table):
-                judged, counts = judge_table(t, r.judge, self.judge)
-                return judged, empty, {"judge": counts}
+                judged, counts, failures = judge_table(t, r.judge, self.judge)
+                return judged, empty, {"judge": counts, "failures": failures}
             return fn
         if name == "score":
             from prm.score import score_table

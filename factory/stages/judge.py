@@ -112,13 +112,16 @@ def effective_verdict(row: dict) -> str:
     return jv if jv in (CORRECT, WRONG) else row["verdict"]
 
 
-def judge_table(graded: pa.Table, cfg: JudgeConfig, engine: Engine) -> tuple[pa.Table, dict]:
-    """Judge the rows that want it; returns (table + schema.JUDGE_COLUMNS, counts)."""
+def judge_table(graded: pa.Table, cfg: JudgeConfig, engine: Engine) -> tuple[pa.Table, dict, dict]:
+    """Judge the rows that want it; returns (table + schema.JUDGE_COLUMNS, counts, failures): a row
+    whose judgement failed for good counts in counts["failed"] and, by its cause (the start of the
+    request's error, e.g. http_500), in failures, the per-cause count every stage reports."""
     check(cfg)
     rows = graded.to_pylist()
     for r in rows:
         r.update(judge_verdict=None, judge_text=None, judge_model=None)
     counts = {"judged": 0, "flipped": 0, "unclear": 0, "failed": 0}
+    failures: dict[str, int] = {}
     asks: dict[tuple[str, str], list[int]] = {}  # one judgement per (problem, prompt): traces often agree
     for i, r in enumerate(rows):
         if wants_judge(r, cfg):
@@ -131,10 +134,12 @@ def judge_table(graded: pa.Table, cfg: JudgeConfig, engine: Engine) -> tuple[pa.
             for i in idx:
                 if completion.error:  # a server request that failed its retries: not a judgement
                     counts["failed"] += 1
+                    cause = completion.error.split(":", 1)[0]
+                    failures[cause] = failures.get(cause, 0) + 1
                     continue
                 verdict = read_reply(completion.text, cfg)
                 rows[i].update(judge_verdict=verdict, judge_text=completion.text, judge_model=engine.model_name)
                 counts["judged"] += 1
                 counts["unclear"] += verdict == UNCLEAR
                 counts["flipped"] += verdict != UNCLEAR and (verdict == CORRECT) != (rows[i]["verdict"] == CORRECT)
-    return schema.table(rows, schema.extend(graded.schema, schema.JUDGE_COLUMNS)), counts
+    return schema.table(rows, schema.extend(graded.schema, schema.JUDGE_COLUMNS)), counts, failures
