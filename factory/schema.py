@@ -160,6 +160,21 @@ PAIRS = pa.schema(
     ]
 )
 
+# What the PRM returned for one (question, steps), kept per score shard so a re-made shard reads only
+# the traces it has not scored yet (prm.score.Memo); the key is memo_key(question, steps)
+PRM_MEMO = pa.schema(
+    [
+        ("key", pa.string()),
+        ("prm_status", pa.string()),
+        ("prm_step_scores", pa.list_(pa.float64())),
+        ("prm_num_tokens", pa.int32()),
+        ("prm_windows", pa.int32()),
+        ("prm_min_context_tokens", pa.int32()),
+        ("prm_tokens_read", pa.int32()),
+        ("prm_cut_steps", pa.int32()),
+    ]
+)
+
 REJECTED = pa.schema(
     [
         ("stage", pa.string()),

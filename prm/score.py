@@ -19,19 +19,30 @@ see every one): it marks. `prm_pass` is false for a trace whose `filter_aggregat
 such correct traces with drop_reason `prm_below_threshold` or `prm_<status>`. Wrong traces are
 scored too: DPO pairs and PRM evaluation use their scores.
 
+A score shard keeps what the PRM returned for each of its traces (`Memo`, keyed by the question
+and the trace's steps, under `memo/score/` of the run), and a re-made shard sends the PRM only the
+traces it has not read before. The shard is re-made whenever anything upstream changes (a top-up
+added, a grader fixed, the judge switched on) or a curate-side setting here does (`threshold`,
+`filter_aggregate`, `keep_unscored`), and none of those change a step's score; a change to
+`score.prm` (or to the PRM's files) clears the memo.
+
     factory run RECIPE            (with a `score:` section; it runs between grade and curate)
     factory prm score RECIPE      (scores a run's graded traces into a Parquet file)
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from factory import schema
+from factory import schema, store
 from prm import context
-from prm.scorer import OK, PRMConfig, PRMScorer, aggregates
+from prm.scorer import OK, PRMConfig, PRMScorer, StepScores, aggregates
 from prm.steps import SplitConfig, split_and_merge
 
 AGGREGATES = ("prm_mean", "prm_min", "prm_prod", "prm_last")
@@ -67,14 +78,61 @@ def check_context(cfg: ScoreConfig) -> dict:
             "checked": limit is not None}
 
 
-def score_table(graded: pa.Table, cfg: ScoreConfig, scorer: PRMScorer) -> tuple[pa.Table, dict]:
-    """Add the PRM columns to every row; returns (table, stats)."""
+def memo_key(question: str, steps: list[str]) -> str:
+    """What the PRM reads of a trace, hashed: equal keys, equal scores (for one PRM and its settings)."""
+    return hashlib.sha256(json.dumps([question, steps], ensure_ascii=False).encode()).hexdigest()
+
+
+class Memo:
+    """The PRM's results for one score shard, by memo_key: those read from `path` (what an
+    earlier run of this shard scored) and those `put` this time. `save` keeps only the keys
+    asked for this time, so the file holds the shard's traces and no more (memory and disk:
+    one shard's step scores)."""
+
+    def __init__(self, path: Path):
+        self.path, self.used = Path(path), {}
+        self.known: dict[str, StepScores] = {}
+        if self.path.exists():  # written whole or not at all (store.write_parquet)
+            for r in pq.read_table(self.path).to_pylist():
+                self.known[r["key"]] = StepScores(r["prm_step_scores"], r["prm_status"], r["prm_num_tokens"],
+                                                  r["prm_windows"] or 0, r["prm_min_context_tokens"],
+                                                  r["prm_tokens_read"] or 0, cut_steps=r["prm_cut_steps"] or 0)
+
+    def get(self, key: str) -> StepScores | None:
+        got = self.known.get(key)
+        if got is not None:
+            self.used[key] = got
+        return got
+
+    def put(self, key: str, res: StepScores) -> None:
+        self.used[key] = self.known[key] = res
+
+    def save(self) -> None:
+        rows = [{"key": k, "prm_status": r.status, "prm_step_scores": r.scores, "prm_num_tokens": r.num_tokens,
+                 "prm_windows": r.windows, "prm_min_context_tokens": r.min_context, "prm_tokens_read": r.tokens_read,
+                 "prm_cut_steps": r.cut_steps} for k, r in self.used.items()]
+        store.write_parquet(schema.table(rows, schema.PRM_MEMO), self.path)
+
+
+def score_table(graded: pa.Table, cfg: ScoreConfig, scorer: PRMScorer, memo: Memo | None = None) -> tuple[pa.Table, dict]:
+    """Add the PRM columns to every row; returns (table, stats). With a `memo`, a trace whose
+    question and steps it holds is not read again, and what the PRM returns goes into it; a
+    trace whose question and steps repeat within the table is read once either way. Stats'
+    prm_reads: traces the PRM read (scored), found in the memo (from_memo), repeats of a trace
+    read here (repeats); they sum to the traces with reasoning."""
     check(cfg)
     rows = graded.to_pylist()
     count = lambda texts: [len(ids) for ids in scorer.tokenizer(texts, add_special_tokens=False)["input_ids"]]  # noqa: E731
     split = [split_and_merge(r["reasoning"], cfg.split, count) for r in rows]
     todo = [i for i, (_, _, status) in enumerate(split) if status == OK]
-    results = scorer.score([(rows[i]["question"], split[i][0]) for i in todo])
+    keys = [memo_key(rows[i]["question"], split[i][0]) for i in todo]
+    found = {k: got for k in dict.fromkeys(keys) if memo is not None and (got := memo.get(k)) is not None}
+    fresh = {k: i for k, i in zip(keys, todo) if k not in found}  # one read per distinct key
+    for k, res in zip(fresh, scorer.score([(rows[i]["question"], split[i][0]) for i in fresh.values()])):
+        found[k] = res
+        if memo is not None:
+            memo.put(k, res)
+    results = [found[k] for k in keys]
     statuses: dict[str, int] = {}
     tokens = {"traces": 0, "read": 0, "windowed": 0}
     for row, (steps, parts, status) in zip(rows, split):
@@ -95,4 +153,6 @@ def score_table(graded: pa.Table, cfg: ScoreConfig, scorer: PRMScorer) -> tuple[
         else:
             row["prm_pass"] = cfg.threshold is None or row[cfg.filter_aggregate] >= cfg.threshold
     table = schema.table(rows, schema.extend(graded.schema, schema.SCORE_COLUMNS))
-    return table, {"prm_status": statuses, "prm_fail": sum(not r["prm_pass"] for r in rows), "prm_tokens": tokens}
+    return table, {"prm_status": statuses, "prm_fail": sum(not r["prm_pass"] for r in rows), "prm_tokens": tokens,
+                   "prm_reads": {"scored": len(fresh), "from_memo": sum(k not in fresh for k in keys),
+                                 "repeats": sum(k in fresh for k in keys) - len(fresh)}}

@@ -80,6 +80,50 @@ def test_score_table_marks_and_never_drops(prm_dir):
     assert out2.schema.field("prm_step_scores").type == schema.SCORE_COLUMNS[0][1]
 
 
+class CountingScorer:
+    """A PRMScorer that records how many traces each call hands the PRM."""
+
+    def __init__(self, scorer: PRMScorer):
+        self.inner, self.tokenizer, self.calls = scorer, scorer.tokenizer, []
+
+    def score(self, items):
+        self.calls.append(len(items))
+        return self.inner.score(items)
+
+
+def test_a_memo_reads_each_trace_once(prm_dir, tmp_path):
+    """A shard scored again (a top-up added traces, a threshold changed) sends the PRM only the
+    traces its memo lacks; the ones it holds come back exactly as first scored, and repeats of a
+    trace within the table are read once."""
+    import pyarrow as pa
+
+    from prm.score import Memo
+
+    cfg = ScoreConfig(prm=PRMConfig(model=str(prm_dir)))
+    scorer = CountingScorer(PRMScorer(cfg.prm))
+    rows = graded_rows()
+    first, stats = score_table(pa.Table.from_pylist(rows), cfg, scorer, memo := Memo(tmp_path / "memo.parquet"))
+    memo.save()
+    assert scorer.calls == [4] and stats["prm_reads"] == {"scored": 4, "from_memo": 0, "repeats": 0}  # c has no reasoning
+    new = {**rows[0], "trace_id": "f", "reasoning": "2 + 2 = 4.\n\nThe answer is 4."}
+    twin = {**rows[1], "trace_id": "g"}  # b's question and steps again
+    again, stats = score_table(pa.Table.from_pylist(rows + [new, twin]), ScoreConfig(prm=cfg.prm, threshold=0.5), scorer,
+                               memo := Memo(tmp_path / "memo.parquet"))
+    memo.save()
+    assert scorer.calls == [4, 1] and stats["prm_reads"] == {"scored": 1, "from_memo": 5, "repeats": 0}
+    got = {r["trace_id"]: r for r in again.to_pylist()}
+    for r in first.to_pylist():
+        assert {k: got[r["trace_id"]][k] for k in r if k != "prm_pass"} == {k: v for k, v in r.items() if k != "prm_pass"}
+    assert got["g"]["prm_step_scores"] == got["b"]["prm_step_scores"]
+    alone = score_table(pa.Table.from_pylist([new]), cfg, PRMScorer(cfg.prm))[0].to_pylist()[0]
+    assert got["f"]["prm_step_scores"] == pytest.approx(alone["prm_step_scores"], abs=1e-6)
+    kept = pq.read_table(tmp_path / "memo.parquet")
+    assert kept.schema == schema.PRM_MEMO and kept.num_rows == 5  # a, b, d, e, f: the shard's traces, no more
+    # a memo that does not hold the table's traces is only a cost: they are all read
+    score_table(pa.Table.from_pylist([new]), cfg, scorer, Memo(tmp_path / "other.parquet"))
+    assert scorer.calls == [4, 1, 1]
+
+
 def test_long_demo_traces_get_a_score_for_every_step():
     """Acceptance (issue 26): the demo's likelihood PRM (512 positions) on demo-domain problems
     with 3-300 step reasoning, the longest ~19x its context: every trace with reasoning is
@@ -117,7 +161,7 @@ def test_pipeline_with_a_score_stage(tmp_path, full_run, prm_dir, teacher_dir, p
     shutil.copytree(src, out)
     data = toy_recipe(out, str(teacher_dir), problems_file)
     data["score"] = {"prm": {"model": str(prm_dir)}}
-    manifest = pipeline.run(load(data), engine=None)  # no engine: rollout must be reused
+    first = pipeline.run(load(data), engine=None)  # no engine: rollout must be reused
     graded = store.StageDir(out, "score").read().to_pylist()
     correct = [r for r in graded if r["verdict"] == "correct" and not r["truncated"] and r["format_ok"]]
     means = sorted(r["prm_mean"] for r in correct)
@@ -125,6 +169,12 @@ def test_pipeline_with_a_score_stage(tmp_path, full_run, prm_dir, teacher_dir, p
     data["score"]["threshold"] = threshold
     manifest = pipeline.run(load(data), engine=None)
     assert set(manifest["stages"]) == {"ingest", "rollout", "grade", "score", "curate"}
+    # the threshold re-made the score shards, but the PRM read nothing again: every score is the first run's
+    reads = first["stages"]["score"]["prm_reads"]
+    assert reads["scored"] > 0 and sum(reads.values()) == sum(r["prm_status"] == "ok" for r in graded)
+    assert manifest["stages"]["score"]["prm_reads"] == {"scored": 0, "from_memo": sum(reads.values()), "repeats": 0}
+    rescored = store.StageDir(out, "score").read().to_pylist()
+    assert [(r["trace_id"], r["prm_step_scores"]) for r in rescored] == [(r["trace_id"], r["prm_step_scores"]) for r in graded]
     statuses = manifest["stages"]["score"]["prm_status"]
     assert sum(statuses.values()) == 800 and statuses["ok"] > 700
     assert statuses == {k: sum(r["prm_status"] == k for r in graded) for k in statuses}
@@ -141,3 +191,6 @@ def test_pipeline_with_a_score_stage(tmp_path, full_run, prm_dir, teacher_dir, p
     after = {r["problem_id"]: r["pass_rate"] for r in pq.read_table(out / "difficulty.parquet").to_pylist()}
     assert before == after
     assert plain["stages"]["curate"]["out"] > manifest["stages"]["curate"]["out"]
+    # another way of reading the PRM clears the memo: every trace is read again
+    data["score"]["prm"]["batch_size"] = 3
+    assert pipeline.run(load(data), engine=None)["stages"]["score"]["prm_reads"] == reads

@@ -243,8 +243,8 @@ class Runner:
         files = _input_signature([p for b in cfg.benchmarks for p in b.paths])
         return self.run_global("decontam", upstream, cfg, rows, extra_fp=(files,))
 
-    def shard_fn(self, name: str) -> Callable[[pa.Table], tuple]:
-        """The per-shard function of map stage `name`: table -> (out, rejected, stats).
+    def shard_fn(self, name: str, i: int) -> Callable[[pa.Table], tuple]:
+        """The per-shard function of map stage `name` for its shard `i`: table -> (out, rejected, stats).
         Engines, the PRM and the grading pool are made on first use and kept for later shards."""
         r = self.recipe
         empty = schema.table([], schema.REJECTED)
@@ -269,7 +269,7 @@ class Runner:
                 return judged, empty, {"judge": counts, "failures": failures}
             return fn
         if name == "score":
-            from prm.score import score_table
+            from prm.score import Memo, score_table
 
             def fn(t: pa.Table):
                 if self._scorer is None:  # loaded only when a shard really needs scoring
@@ -277,7 +277,9 @@ class Runner:
 
                     self.log(f"loading PRM {r.score.prm.model} ...")
                     self._scorer = PRMScorer(r.score.prm, key="score.prm")
-                scored, stats = score_table(t, r.score, self._scorer)
+                memo = Memo(self.run_dir / "memo" / "score" / f"shard-{i:05d}.parquet")
+                scored, stats = score_table(t, r.score, self._scorer, memo)
+                memo.save()  # before the shard's marker: a re-made shard reads what this one read
                 return scored, empty, stats
             return fn
         raise ValueError(f"{name!r} is not a map stage")
@@ -302,7 +304,7 @@ class Runner:
         t0 = time.perf_counter()
         source = up.seal(i)
         table = up.read_shard(i)
-        out, rejected, stats = self.shard_fn(name)(table)
+        out, rejected, stats = self.shard_fn(name, i)(table)
         stats = {**stats, "rows_in": table.num_rows, "rows_out": out.num_rows,
                  "dropped": store.count_reasons(rejected), "seconds": time.perf_counter() - t0}
         if "failures" not in stats and rejected.num_rows:  # by cause: a failed request's detail starts with it
@@ -403,9 +405,16 @@ class Runner:
     def run_score(self, upstream: store.StageDir) -> store.StageDir:
         from prm.score import check, check_context
 
-        check(self.recipe.score)
-        check_context(self.recipe.score)
-        return self.run_map("score", upstream, self.recipe.score)
+        cfg = self.recipe.score
+        check(cfg)
+        check_context(cfg)
+        # the PRM's results kept per shard (prm.score.Memo) hold while the PRM and how it reads
+        # do: its settings, and its files where they are local
+        prm = config_mod.to_dict(cfg.prm)
+        files = _input_signature([cfg.prm.model]) if cfg.prm.model and Path(cfg.prm.model).exists() else []
+        store.claim_dir(self.run_dir / "memo" / "score", store.fingerprint("score-memo", prm, files),
+                        {"stage": "score", "prm": prm}, "_memo.json")
+        return self.run_map("score", upstream, cfg)
 
     def run_curate(self, upstream: store.StageDir) -> None:
         """Curate each graded shard on its own (a problem's K traces all live in one shard), then

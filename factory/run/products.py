@@ -140,7 +140,7 @@ def build_manifest(recipe, stages: dict[str, store.StageDir], seconds: float) ->
             if gen > 0:
                 entry["tokens_per_s"] = round(tokens / gen, 1)
         for key in ("verdicts", "prm_status", "prm_tokens", "rewrites", "duplicates", "contaminated_by", "unlabeled",
-                    "judge", "topup", "retries", "failures"):  # stages' own counts
+                    "judge", "topup", "retries", "failures", "prm_reads"):  # stages' own counts
             if any(key in s for s in shards):
                 total: dict[str, int] = {}
                 for s in shards:

@@ -22,6 +22,8 @@ def summary(manifest: dict) -> str:
             notes = ", ".join(f"{k}={v}" for k, v in s["judge"].items())
         if "prm_status" in s:
             notes = "prm_status: " + ", ".join(f"{k}={v}" for k, v in sorted(s["prm_status"].items()))
+            if s.get("prm_reads", {}).get("from_memo"):
+                notes += f"; {s['prm_reads']['from_memo']} scores kept from an earlier run"
         if "pairs" in s:
             notes = f"pairs={s['pairs']}; " + notes
         if s.get("retries"):
