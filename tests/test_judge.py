@@ -74,6 +74,7 @@ def test_judge_stage_end_to_end(tmp_path, sim):  # noqa: F811
     from factory.engines.inprocess import VLLMEngine
     from factory.run.pipeline import run as run_recipe
     from factory.run.recipe import load_recipe
+    from factory.training.evaluate import evaluate, load_recipe as load_eval, table as evaluate_table
 
     # without a judge: every right answer is a string mismatch, nothing reaches the curriculum
     assert cli.main(["run", str(recipe), f"run.output_dir={tmp_path / 'plain'}"]) == 0
@@ -89,8 +90,25 @@ def test_judge_stage_end_to_end(tmp_path, sim):  # noqa: F811
                                     enforce_eager=True))
     try:
         manifest = run_recipe(load_recipe(recipe), judge=judge)
+        # `factory eval` with the same judge: the same graders for the student as for its data
+        ev = {k: data[k] for k in ("engine", "ingest", "rollout", "grade", "judge")}
+        ev.update(run={"output_dir": str(tmp_path / "eval"), "progress": False}, eval={"k": [1, 4], "group_by": "none"})
+        (tmp_path / "eval.yaml").write_text(yaml.safe_dump(ev))
+        result = evaluate(load_eval(tmp_path / "eval.yaml"), judge=judge)
     finally:
         judge.close()
+    samples = [r for f in sorted((tmp_path / "eval" / "stages" / "judge").glob("shard-*.parquet"))
+               for r in pq.read_table(f).to_pylist()]
+    assert len(samples) == result["overall"]["samples"] == 4 * len(truth)
+    assert result["symbolic"]["overall"]["pass@1"] == 0  # the grader alone: every right digit is a mismatch
+    correct = sum(effective_verdict(r) == "correct" for r in samples)
+    assert result["overall"]["pass@1"] == pytest.approx(correct / len(samples)) and correct > 0
+    assert result["judge"]["flipped"] == correct and result["judge"]["failed"] == 0
+    right = sum(str(truth[r["question"]]) == r["extracted_answer"] for r in samples)
+    assert abs(correct - right) <= 0.1 * len(samples), (correct, right)  # what the truth says, within the judge's errors
+    assert "judge " + str(JUDGE) in evaluate_table(result)
+    with pytest.raises(ValueError, match="judge.model is unset"):
+        evaluate(load_eval(tmp_path / "eval.yaml", ["judge.model=null"]))
     rows = [r for f in sorted((run / "stages" / "judge").glob("shard-*.parquet")) for r in pq.read_table(f).to_pylist()]
     judged = [r for r in rows if r["judge_verdict"] is not None]
     assert judged and all(r["verdict"] == "wrong" for r in judged)  # the symbolic verdict is kept

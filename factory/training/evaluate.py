@@ -5,6 +5,12 @@ In:  an eval recipe: the model (engine), the problems (ingest), sampling (rollou
 Out: RUN/eval.json with pass@1, pass@k and maj@k overall and per group, and RUN/stages/
      (the samples and their grades, resumable like any run). A printed table.
 
+With a `judge:` section (the pipeline's, factory.stages.judge) the samples the symbolic grader
+could not settle go to an LLM judge, and a sample counts as correct by its effective verdict,
+as curate counts the data the student was trained on: the same graders before and after.
+`judge.model` must be named (the model under test would otherwise judge its own answers);
+eval.json then also holds the symbolic-only figures (`symbolic`) and the judge's counts.
+
     factory eval recipes/demo_eval.yaml engine.model=runs/demo/student-sft run.output_dir=runs/demo/eval-sft
     factory eval --compare runs/demo/eval-base/eval.json runs/demo/eval-sft/eval.json
 
@@ -32,6 +38,7 @@ from factory import answers, console, store
 from factory.engines import Engine, EngineConfig
 from factory.stages.grade import GradeConfig
 from factory.stages.ingest import IngestConfig
+from factory.stages.judge import JudgeConfig, effective_verdict
 from factory.run.pipeline import Runner
 from factory.run.recipe import RunConfig
 from factory.run.products import package_versions
@@ -57,6 +64,8 @@ class EvalRecipe:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     grade: GradeConfig = field(default_factory=GradeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    judge: JudgeConfig | None = None
+    """An LLM judge for the samples the grader could not settle; absent: the grader alone."""
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> EvalRecipe:
@@ -154,12 +163,18 @@ def _natural(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
-def evaluate(recipe: EvalRecipe, engine: Engine | None = None, log=console.say) -> dict:
-    """Sample, grade and score; writes run.output_dir/eval.json and returns it."""
-    runner = Runner(recipe, engine, log, command="eval")
+def evaluate(recipe: EvalRecipe, engine: Engine | None = None, log=console.say, judge: Engine | None = None) -> dict:
+    """Sample, grade (and judge) and score; writes run.output_dir/eval.json and returns it.
+    Pass `judge` to reuse a judge engine already loaded."""
+    if recipe.judge is not None and not recipe.judge.model:
+        raise ValueError("eval: judge.model is unset, so the model under test would judge its own answers; "
+                         "name the judge model (e.g. the teacher)")
+    runner = Runner(recipe, engine, log, command="eval", judge=judge)
     runner.run_dir.mkdir(parents=True, exist_ok=True)
     try:
         graded = runner.run_grade(runner.run_rollout(runner.run_ingest()))
+        if recipe.judge is not None:
+            graded = runner.run_judge(graded)
     except BaseException as e:
         runner.progress.finish("failed", error=f"{type(e).__name__}: {e}"[:2000])
         raise
@@ -167,9 +182,15 @@ def evaluate(recipe: EvalRecipe, engine: Engine | None = None, log=console.say) 
         runner.close()
     runner.progress.finish("finished")
     rows = graded.read().to_pylist()
-    result = {"model": recipe.engine.model, "n": recipe.rollout.num_traces,
-              "temperature": recipe.rollout.temperature, **summarize(rows, recipe.eval, recipe.rollout.num_traces),
-              "config": config_mod.to_dict(recipe), "packages": package_versions()}
+    n = recipe.rollout.num_traces
+    extra = {}
+    if recipe.judge is not None:  # the grader's figures alone, beside the ones that count the judge
+        extra = {"symbolic": summarize(rows, recipe.eval, n), "judge": {"model": recipe.judge.model, **{
+            k: sum(s.get("judge", {}).get(k, 0) for s in graded.shard_stats()) for k in ("judged", "flipped", "unclear", "failed")}}}
+        rows = [{**r, "verdict": effective_verdict(r)} for r in rows]
+    result = {"model": recipe.engine.model, "n": n, "temperature": recipe.rollout.temperature,
+              **summarize(rows, recipe.eval, n), **extra, "config": config_mod.to_dict(recipe),
+              "packages": package_versions()}
     store.write_json(result, runner.run_dir / "eval.json")
     return result
 
@@ -191,6 +212,11 @@ def table(result: dict) -> str:
     for g, m in rows:
         lines.append(f"{g:<14}{m['problems']:>9}" + "".join(
             f"{100 * m[k]:>8.1f}%" if k in m else f"{'-':>9}" for k in names))
+    if "judge" in result:
+        j, sym = result["judge"], result["symbolic"]["overall"]
+        alone = f"; the grader alone: pass@1 {100 * sym['pass@1']:.1f}%" if "pass@1" in sym else ""
+        lines.append(f"judge {j['model']}: {j['judged']} samples judged, {j['flipped']} verdicts flipped, "
+                     f"{j['unclear']} unclear, {j['failed']} failed{alone}")
     return "\n".join(lines)
 
 
