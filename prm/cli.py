@@ -12,11 +12,15 @@ One recipe (PRMRecipe) holds the whole PRM loop; each command reads the sections
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from factory import config as config_mod
-from factory import store
+from factory import schema, store
 from factory.engines import EngineConfig
 from factory.stages.grade import GradeConfig
 from factory.run.recipe import RunConfig
@@ -57,6 +61,41 @@ def load_recipe(path, overrides=()) -> PRMRecipe:
 
 def labels_path(r: PRMRecipe) -> str:
     return str(Path(r.label.output) / "labels.parquet")
+
+
+def _add(total: dict, part: dict) -> dict:
+    """Stats of one shard added into the run's (numbers summed, dicts of numbers key by key)."""
+    for k, v in part.items():
+        total[k] = _add(total.get(k, {}), v) if isinstance(v, dict) else total.get(k, 0) + v
+    return total
+
+
+def score_file(graded: store.StageDir, cfg: ScoreConfig, scorer: PRMScorer, output: Path) -> tuple[int, dict]:
+    """A run's graded traces with the PRM columns, into one Parquet file: scored and written a
+    grade shard at a time (memory: one shard, whatever the run's size), into a temp file that
+    replaces `output` once whole. Returns (rows, the shards' stats summed)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    rows, stats, writer = 0, {}, None
+    try:
+        for _, shard in graded.iter_shards():
+            table, s = score_table(shard, cfg, scorer)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table.cast(writer.schema))  # the grade shards share one schema (schema.extend)
+            rows += table.num_rows
+            _add(stats, s)
+        if writer is None:  # no shards: an empty file with the PRM's columns
+            pq.write_table(pa.schema(schema.SCORE_COLUMNS).empty_table(), tmp)
+        else:
+            writer.close()
+            writer = None
+        os.replace(tmp, output)
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+    return rows, stats
 
 
 def run_command(cmd: str, r: PRMRecipe, engine=None, log=print) -> dict:
@@ -106,8 +145,7 @@ def run_command(cmd: str, r: PRMRecipe, engine=None, log=print) -> dict:
         graded = store.StageDir(Path(r.score.run_dir), "grade")
         if not graded.complete:
             raise FileNotFoundError(f"{r.score.run_dir}: no finished grade stage; run `factory run` first")
-        table, stats = score_table(graded.read(), ScoreConfig(prm=r.prm, split=r.split), scorer)
-        store.write_parquet(table, Path(r.score.output))
-        log(f"prm score: {table.num_rows} traces {stats['prm_status']} -> {r.score.output}")
+        rows, stats = score_file(graded, ScoreConfig(prm=r.prm, split=r.split), scorer, Path(r.score.output))
+        log(f"prm score: {rows} traces {stats['prm_status']} -> {r.score.output}")
         return stats
     raise ValueError(f"unknown prm command {cmd!r}")

@@ -194,3 +194,31 @@ def test_pipeline_with_a_score_stage(tmp_path, full_run, prm_dir, teacher_dir, p
     # another way of reading the PRM clears the memo: every trace is read again
     data["score"]["prm"]["batch_size"] = 3
     assert pipeline.run(load(data), engine=None)["stages"]["score"]["prm_reads"] == reads
+
+
+def test_prm_score_command_streams_a_run_a_shard_at_a_time(tmp_path, full_run, prm_dir, monkeypatch):
+    """`factory prm score`: every graded trace of the run, in order, with the PRM columns, into one
+    file, never holding more than a grade shard (reading the whole stage is an error here)."""
+    from prm import cli as prm_cli
+
+    src, _ = full_run
+    graded = store.StageDir(src, "grade")
+    whole = graded.read()
+    expected, _ = score_table(whole, ScoreConfig(prm=PRMConfig(model=str(prm_dir))), PRMScorer(PRMConfig(model=str(prm_dir))))
+
+    def whole_run(self):
+        raise AssertionError("read the whole stage")
+
+    monkeypatch.setattr(store.StageDir, "read", whole_run)
+    out = tmp_path / "out" / "scored.parquet"
+    recipe = prm_cli.load_recipe(None, [f"prm.model={prm_dir}", f"score.run_dir={src}", f"score.output={out}"])
+    stats = prm_cli.run_command("score", recipe, log=lambda m: None)
+    got = pq.read_table(out)
+    assert graded.num_shards() > 1 and got.num_rows == whole.num_rows == sum(stats["prm_status"].values())
+    assert got.schema == expected.schema
+    assert stats["prm_status"] == {k: expected.column("prm_status").to_pylist().count(k)
+                                   for k in set(expected.column("prm_status").to_pylist())}
+    for a, b in zip(got.to_pylist(), expected.to_pylist()):
+        assert a["trace_id"] == b["trace_id"] and a["prm_status"] == b["prm_status"]
+        assert a["prm_step_scores"] == (None if b["prm_step_scores"] is None else pytest.approx(b["prm_step_scores"], abs=1e-5))
+    assert not list(out.parent.glob(".*tmp*"))  # the temp file was swapped into place
