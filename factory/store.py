@@ -30,6 +30,16 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def input_signature(paths: list[str]) -> list:
+    """Each file under `paths` (a directory: every file below it) as (path, size, mtime): what a
+    fingerprint holds of input files, so that editing one reruns what read it."""
+    sig = []
+    for p in map(Path, paths):
+        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+        sig += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
+    return sig
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -40,6 +40,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from factory import config as config_mod
 from factory import schema, store
 from prm import context
 from prm.scorer import OK, PRMConfig, PRMScorer, StepScores, aggregates
@@ -89,6 +90,19 @@ class Memo:
     asked for this time, so the file holds the shard's traces and no more (memory and disk:
     one shard's step scores)."""
 
+    @staticmethod
+    def claim(run_dir: Path, prm: PRMConfig) -> None:
+        """Keep the run's memos while the PRM and how it reads hold (its settings, and its files
+        where they are local); clear them otherwise."""
+        settings = config_mod.to_dict(prm)
+        files = store.input_signature([prm.model]) if prm.model and Path(prm.model).exists() else []
+        store.claim_dir(Path(run_dir) / "memo" / "score", store.fingerprint("score-memo", settings, files),
+                        {"stage": "score", "prm": settings}, "_memo.json")
+
+    @classmethod
+    def of_shard(cls, run_dir: Path, i: int) -> "Memo":
+        return cls(Path(run_dir) / "memo" / "score" / f"shard-{i:05d}.parquet")
+
     def __init__(self, path: Path):
         self.path, self.used = Path(path), {}
         self.known: dict[str, StepScores] = {}
@@ -105,7 +119,7 @@ class Memo:
         return got
 
     def put(self, key: str, res: StepScores) -> None:
-        self.used[key] = self.known[key] = res
+        self.used[key] = res
 
     def save(self) -> None:
         rows = [{"key": k, "prm_status": r.status, "prm_step_scores": r.scores, "prm_num_tokens": r.num_tokens,

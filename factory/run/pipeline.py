@@ -46,14 +46,6 @@ from factory.stages.rollout import prompt_messages, rollout_table
 from factory.stages.topup import topup_table
 
 
-def _input_signature(paths: list[str]) -> list:
-    sig = []
-    for p in map(Path, paths):
-        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
-        sig += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
-    return sig
-
-
 class ProblemShards:
     """A global stage's output (ingest, dedup, decontam) written as it is made: kept rows in
     shards of `size` (ingest.problems_per_shard), each with the rejected rows that came since
@@ -184,7 +176,7 @@ class Runner:
     def run_ingest(self) -> store.StageDir:
         cfg = self.recipe.ingest
         sd = store.StageDir(self.run_dir, "ingest")
-        fp = store.fingerprint("ingest", config_mod.to_dict(cfg), _input_signature(cfg.paths))
+        fp = store.fingerprint("ingest", config_mod.to_dict(cfg), store.input_signature(cfg.paths))
         if not (sd.open(fp, config_mod.to_dict(cfg)) and sd.complete):
             t0 = time.perf_counter()
             self.progress.begin("ingest", len(cfg.paths), unit="file")
@@ -240,7 +232,7 @@ class Runner:
             return decontam_rows(shards, BenchmarkIndex(cfg.benchmarks, cfg.ngram), stats)
 
         # the benchmark files are inputs: editing one reruns the check
-        files = _input_signature([p for b in cfg.benchmarks for p in b.paths])
+        files = store.input_signature([p for b in cfg.benchmarks for p in b.paths])
         return self.run_global("decontam", upstream, cfg, rows, extra_fp=(files,))
 
     def shard_fn(self, name: str, i: int) -> Callable[[pa.Table], tuple]:
@@ -277,7 +269,7 @@ class Runner:
 
                     self.log(f"loading PRM {r.score.prm.model} ...")
                     self._scorer = PRMScorer(r.score.prm, key="score.prm")
-                memo = Memo(self.run_dir / "memo" / "score" / f"shard-{i:05d}.parquet")
+                memo = Memo.of_shard(self.run_dir, i)
                 scored, stats = score_table(t, r.score, self._scorer, memo)
                 memo.save()  # before the shard's marker: a re-made shard reads what this one read
                 return scored, empty, stats
@@ -403,18 +395,12 @@ class Runner:
         return self.run_map("judge", upstream, self.recipe.judge, extra_fp=(self.recipe.judge.model or e.model, e.model))
 
     def run_score(self, upstream: store.StageDir) -> store.StageDir:
-        from prm.score import check, check_context
+        from prm.score import Memo, check, check_context
 
-        cfg = self.recipe.score
-        check(cfg)
-        check_context(cfg)
-        # the PRM's results kept per shard (prm.score.Memo) hold while the PRM and how it reads
-        # do: its settings, and its files where they are local
-        prm = config_mod.to_dict(cfg.prm)
-        files = _input_signature([cfg.prm.model]) if cfg.prm.model and Path(cfg.prm.model).exists() else []
-        store.claim_dir(self.run_dir / "memo" / "score", store.fingerprint("score-memo", prm, files),
-                        {"stage": "score", "prm": prm}, "_memo.json")
-        return self.run_map("score", upstream, cfg)
+        check(self.recipe.score)
+        check_context(self.recipe.score)
+        Memo.claim(self.run_dir, self.recipe.score.prm)
+        return self.run_map("score", upstream, self.recipe.score)
 
     def run_curate(self, upstream: store.StageDir) -> None:
         """Curate each graded shard on its own (a problem's K traces all live in one shard), then
